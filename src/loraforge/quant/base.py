@@ -1,0 +1,71 @@
+"""The interface every quantized weight format meets, and the linear layer built on it.
+
+A format (NF4/FP4 blocks, group-wise INTk, GGUF Q4_0/Q4_1/Q8_0 blocks) is a small ``nn.Module`` that holds
+its packed tensors as buffers and answers:
+
+- ``shape``: ``(out_features, in_features)`` of the dense weight it stands for;
+- ``dequantize(dtype)``: the dense ``(out_features, in_features)`` weight;
+- ``matmul(x)``: ``x @ W.T`` for ``x`` of shape ``(..., in_features)``, fused where a kernel exists,
+  else by dequantizing this one layer (never more than one layer's dense weight at a time);
+- ``nbytes``: storage bytes of the packed tensors (codes, scales, nested constants);
+- ``tensors()`` / ``from_tensors(tensors, meta)``: the safetensors round trip.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class QuantizedWeight(Protocol):
+    format: str
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer whose weight is stored quantized; ``compute_dtype`` is the matmul dtype.
+
+    Shapes: input ``(..., in_features)`` -> output ``(..., out_features)``.
+    """
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        super().__init__()
+        self.qweight = weight
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = compute_dtype
+        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.qweight.dequantize(dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.qweight.matmul(x.to(self.compute_dtype))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"format={self.qweight.format}, compute_dtype={self.compute_dtype}"
+        )
+
+
+def dense_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The ``(out_features, in_features)`` weight of an ``nn.Linear`` or a ``QuantLinear``."""
+    if isinstance(layer, QuantLinear):
+        return layer.dequantize(dtype)
+    weight = layer.weight
+    return weight if dtype is None else weight.to(dtype)
