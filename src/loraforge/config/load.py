@@ -120,6 +120,7 @@ def _apply_overrides(data: dict, overrides: Sequence[str], locations: dict[KeyPa
         for i, part in enumerate(key_path[:-1]):
             if parent.get(part) is None:
                 parent[part] = {}
+                locations[key_path[:i + 1]] = where
             parent = parent[part]
             if not isinstance(parent, dict):
                 problems.append(Problem(key_path, f"'{dotted(key_path[:i + 1])}' is not a section", where))

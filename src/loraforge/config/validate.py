@@ -50,10 +50,9 @@ class ConfigError(ValueError):
         self.problems = list(problems)
         self.source = source
         self.locations = dict(locations or {})
-        lines = []
-        for problem in self.problems:
-            where = problem.where or _locate(problem.path, self.locations) or source
-            lines.append(f"{where}: {problem.text}" if where else problem.text)
+        located = [(p.where or _locate(p.path, self.locations) or source, p.text) for p in self.problems]
+        located.sort(key=lambda item: _line_number(item[0], source))
+        lines = [f"{where}: {text}" if where else text for where, text in located]
         if len(lines) > 1:
             lines.insert(0, f"{len(lines)} problems in {source or 'config'}:")
         super().__init__("\n".join(lines))
@@ -64,6 +63,12 @@ def _locate(path: KeyPath, locations: Mapping[KeyPath, str]) -> str:
         if path[:end] in locations:
             return locations[path[:end]]
     return ""
+
+
+def _line_number(where: str, source: str) -> float:
+    """Sort key: problems in the file by line, then the rest (overrides, whole-file) in order found."""
+    line = where.removeprefix(f"{source}:")
+    return int(line) if line.isdigit() else float("inf")
 
 
 def dotted(path: KeyPath) -> str:
