@@ -1,10 +1,13 @@
 """Batching: padded tensors, a reproducible length-grouped batch order, and packing.
 
 Packed rows hold several samples back to back. Their ``position_ids`` restart at 0 for each
-sample, and their batches carry no ``attention_mask``: transformers' ``create_causal_mask`` (in
-``masking_utils``) then detects the packed samples from the position ids and lets each token attend
-only to earlier tokens of its own sample, whichever attention implementation is used. Passing an
-``attention_mask`` with a packed batch turns that detection off, and samples would see each other.
+sample, and their batches carry no ``attention_mask``. Called with ``use_cache=False``, the model's
+``create_causal_mask`` (transformers ``masking_utils``) then detects the packed samples from the
+position ids and lets each token attend only to earlier tokens of its own sample, with sdpa, eager
+or flash attention alike. Two things turn that detection off, after which samples see each other:
+an ``attention_mask``, and a KV cache, which transformers 5 models create by default
+(``config.use_cache``) unless gradient checkpointing is on. So a training forward pass must be
+``model(input_ids=..., position_ids=..., use_cache=False)``.
 """
 
 from __future__ import annotations

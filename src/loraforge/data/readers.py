@@ -104,20 +104,22 @@ def _top_level_items(text: str, path: Path) -> list[tuple[Any, int]]:
     pos = _skip_ws(text, 0)
     if text.startswith("[", pos):
         items, end = _scan_array(decoder, text, pos)
-    elif text.startswith("{", pos):
+        _check_end(text, end)
+        return items
+    if text.startswith("{", pos):
         lists, end = _scan_object_lists(decoder, text, pos)
+        _check_end(text, end)
         if len(lists) != 1:
-            found = f"keys {sorted(lists)}" if lists else "none"
-            raise DataError(
-                f"{path}:1: a top-level JSON object must hold exactly one list of records; list-valued {found}"
-            )
-        (items,) = lists.values()
-    else:
-        decoder.decode(text)  # raises a JSONDecodeError with a position for garbage input
-        raise DataError(f"{path}:1: expected a list of records or an object holding one, got a JSON scalar")
+            found = f"has list-valued keys {sorted(lists)}" if lists else "has no list value"
+            raise DataError(f"{path}:1: a top-level JSON object must hold exactly one list of records; this one {found}")
+        return next(iter(lists.values()))
+    decoder.decode(text)  # raises a JSONDecodeError with a position for garbage input
+    raise DataError(f"{path}:1: expected a list of records or an object holding one, got a JSON scalar")
+
+
+def _check_end(text: str, end: int) -> None:
     if _skip_ws(text, end) != len(text):
         raise json.JSONDecodeError("Extra data", text, _skip_ws(text, end))
-    return items
 
 
 def _scan_array(decoder: json.JSONDecoder, text: str, pos: int) -> tuple[list[tuple[Any, int]], int]:

@@ -60,16 +60,15 @@ def encode_conversation(
     """Token ids and labels of a conversation that ends with an assistant reply.
 
     Raises:
-        DataError: the template is not prefix-stable, or the tokenizer cannot report offsets.
+        DataError: the template is not prefix-stable, or the tokenizer cannot report character offsets.
     """
     text, spans = assistant_spans(tokenizer, messages, chat_template)
-    try:
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if "offset_mapping" not in encoding:  # Python-backend tokenizers ignore the request
         raise DataError(
             f"{type(tokenizer).__name__} cannot return character offsets, which label masking needs; "
-            "load the model's fast (tokenizers-backed) tokenizer"
-        ) from None
+            "load the model's tokenizers-backed (fast) tokenizer"
+        )
     input_ids = list(encoding["input_ids"])
     if train_on_prompt:
         labels = list(input_ids)

@@ -1,0 +1,5 @@
+"""The training loop, checkpoints and logging."""
+
+from loraforge.train.run import RunResult, TrainingError, run_training
+
+__all__ = ["RunResult", "TrainingError", "run_training"]

@@ -1,0 +1,335 @@
+"""The fine-tuning recipe: ``setup → train → finish``, driven by one validated ``Config``.
+
+Run folder layout (``output.dir``):
+- ``config.yaml``: the resolved config; a folder holding a different run is refused;
+- ``adapter/``: the final adapter, PEFT format;
+- ``checkpoints/checkpoint-<step>/``: resumable checkpoints (see ``checkpoint.py``);
+- ``metrics.jsonl``, ``tensorboard/``, ``loss_curve.png``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from loraforge.adapters import AdapterSpec, add_adapter, disable_adapters, mark_only_adapters_trainable, save_adapter
+from loraforge.config import Config, save_config
+from loraforge.data import build_datasets
+from loraforge.data.collate import batches, collate
+from loraforge.models import load_model
+from loraforge.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from loraforge.train.evaluate import eval_loss, exact_match
+from loraforge.train.loss import summed_token_loss
+from loraforge.train.optim import build_optimizer
+from loraforge.train.runlog import RunLog, peak_memory_bytes, plot_loss_curve
+from loraforge.train.schedule import lr_multiplier, warmup_steps
+
+CONFIG_FILE = "config.yaml"
+RUN_KEYS_FREE_TO_CHANGE = {("train", "resume_from_checkpoint"), ("output", "overwrite_output_dir"),
+                           ("train", "max_steps"), ("train", "epochs"), ("train", "save_steps"),
+                           ("train", "eval_steps"), ("train", "logging_steps"), ("train", "save_total_limit")}
+
+
+class TrainingError(RuntimeError):
+    """The run can't go on (diverged loss, a folder holding another run); the message says what to do."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    adapter_dir: Path | None
+    steps: int
+    interrupted: bool = False
+    summary: dict = field(default_factory=dict)
+
+
+def run_training(config: Config, echo=print) -> RunResult:
+    """Fine-tune per ``config``; prints progress and results through ``echo``."""
+    if config.model.threads:
+        torch.set_num_threads(config.model.threads)
+    run_dir = Path(config.output.dir)
+    resume_from = _prepare_run_dir(config, run_dir)
+    _seed_everything(config.train.seed)
+
+    model, tokenizer = load_model(config.model.source, config.model.dtype)
+    model = _quantize_if_asked(model, config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    spec = adapter_spec(config)
+    add_adapter(model, spec, config.adapter.name)
+    n_trainable = mark_only_adapters_trainable(model)
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_total = sum(p.numel() for p in model.parameters())
+    echo(f"model {config.model.source}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
+         f"({100 * n_trainable / n_total:.2f}%) in {config.adapter.method} r={config.adapter.r}")
+
+    data = _build_data(config, tokenizer)
+    echo(str(data.report))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    steps_per_epoch = math.ceil(math.ceil(len(data.train) / config.train.batch_size) / config.train.grad_accum)
+    total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * steps_per_epoch))
+    optimizer = build_optimizer(config.train.optim, (p for p in model.parameters() if p.requires_grad),
+                                config.train.lr, config.train.weight_decay, device)
+    warmup = warmup_steps(config.train.warmup_steps, config.train.warmup_ratio, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config.train.scheduler, warmup, total_steps))
+
+    summary: dict = {}
+    state = TrainState()
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, config.adapter.name, optimizer, scheduler)
+        echo(f"resumed from {resume_from} at step {state.step}")
+    elif data.test:
+        with disable_adapters(model):
+            summary["test_exact_match_before"] = _test_accuracy(model, tokenizer, data.test, config, device, echo,
+                                                                "before training")
+
+    trainer = _Loop(config, model, optimizer, scheduler, data, pad_id, device, spec, run_dir, total_steps, state)
+    interrupted = trainer.run(echo)
+    summary.update(trainer.summary())
+    if interrupted:
+        echo(f"interrupted: checkpoint saved at step {state.step}; resume with train.resume_from_checkpoint=latest")
+        return RunResult(run_dir, None, state.step, interrupted=True, summary=summary)
+
+    adapter_dir = save_adapter(model, run_dir / "adapter", spec, config.adapter.name, config.model.source)
+    if data.test:
+        summary["test_exact_match_after"] = _test_accuracy(model, tokenizer, data.test, config, device, echo,
+                                                           "after training")
+    _finish(run_dir, config, summary, echo)
+    return RunResult(run_dir, adapter_dir, state.step, summary=summary)
+
+
+def adapter_spec(config: Config) -> AdapterSpec:
+    """The adapters package's spec from the config's ``adapter`` section (``name`` is not part of it)."""
+    fields = {f.name for f in dataclasses.fields(AdapterSpec)}
+    return AdapterSpec(**{k: v for k, v in dataclasses.asdict(config.adapter).items() if k in fields})
+
+
+def _quantize_if_asked(model: nn.Module, config: Config) -> nn.Module:
+    quant = config.model.quantization
+    if quant is None:
+        return model
+    from loraforge.quant import quantize_model_from_config
+
+    return quantize_model_from_config(model, quant)
+
+
+def _build_data(config: Config, tokenizer):
+    d = config.data
+    return build_datasets(
+        tokenizer, train_files=d.train_files, eval_files=d.eval_files, test_files=d.test_files, format=d.format,
+        columns=d.columns, val_size=d.val_size, cutoff_len=d.cutoff_len, train_on_prompt=d.train_on_prompt,
+        packing=d.packing, system_prompt=d.system_prompt, template=d.template, seed=config.train.seed,
+    )
+
+
+def _test_accuracy(model, tokenizer, test, config: Config, device, echo, when: str) -> float:
+    accuracy, _ = exact_match(model, tokenizer, test, config.data.template, config.data.test_max_new_tokens, device)
+    echo(f"held-out exact match {when}: {accuracy:.1%} ({round(accuracy * len(test))}/{len(test)})")
+    return accuracy
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_run_dir(config: Config, run_dir: Path) -> Path | None:
+    """Create or check ``run_dir``; returns the checkpoint to resume from, if any.
+
+    A folder that holds a different run (another config) is refused unless ``overwrite_output_dir``,
+    which clears it first. Resuming needs the same config, except keys that only extend or log the run.
+    """
+    saved = run_dir / CONFIG_FILE
+    resume = config.train.resume_from_checkpoint
+    if resume is not None:
+        if not saved.exists():
+            raise TrainingError(f"train.resume_from_checkpoint is set, but {run_dir} holds no run to resume "
+                                f"({CONFIG_FILE} is missing)")
+        _check_same_run(config, saved)
+        checkpoint = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
+        if checkpoint is None or not (checkpoint / "trainer_state.json").is_file():
+            raise TrainingError(f"train.resume_from_checkpoint={resume!r}: no checkpoint found "
+                                f"(looked in {run_dir / 'checkpoints'}); set train.save_steps to write checkpoints")
+        return checkpoint
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not config.output.overwrite_output_dir:
+            raise TrainingError(f"output.dir {run_dir} already holds a run; choose another output.dir, resume it with "
+                                "train.resume_from_checkpoint=latest, or set output.overwrite_output_dir=true to replace it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, saved)
+    return None
+
+
+def _check_same_run(config: Config, saved: Path) -> None:
+    import yaml
+
+    before = yaml.safe_load(saved.read_text())
+    now = config.to_dict()
+    changed = [f"{section}.{key}" for section, values in now.items() for key, value in values.items()
+               if (section, key) not in RUN_KEYS_FREE_TO_CHANGE and before.get(section, {}).get(key) != value]
+    if changed:
+        raise TrainingError(f"can't resume: {saved} was written by a run with different settings for "
+                            f"{', '.join(changed)}; resume with the same config or start a new output.dir")
+
+
+class _Loop:
+    """The optimisation loop: micro-batches from a stream that is a pure function of (seed, step)."""
+
+    def __init__(self, config: Config, model, optimizer, scheduler, data, pad_id, device, spec, run_dir,
+                 total_steps, state: TrainState):
+        self.config, self.model, self.optimizer, self.scheduler = config, model, optimizer, scheduler
+        self.data, self.pad_id, self.device, self.spec = data, pad_id, device, spec
+        self.run_dir, self.total_steps, self.state = run_dir, total_steps, state
+        self.train_seconds = 0.0
+        self.tokens_this_run = 0
+        self.last_loss = float("nan")
+        self.last_eval: dict = {}
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """The sample indices of the ``grad_accum`` micro-batches of optimizer step ``step``."""
+        per_epoch = math.ceil(len(self.data.train) / self.config.train.batch_size)
+        out = []
+        for k in range(step * self.config.train.grad_accum, (step + 1) * self.config.train.grad_accum):
+            epoch, index = divmod(k, per_epoch)
+            out.append(self._epoch_batches(epoch)[index])
+        return out
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if getattr(self, "_cached_epoch", None) != epoch:
+            self._cached_epoch = epoch
+            self._cached = batches(self.data.train, self.config.train.batch_size, self.config.train.seed, epoch)
+        return self._cached
+
+    def run(self, echo) -> bool:
+        """Train to ``total_steps``; returns True when stopped by Ctrl-C (after saving a checkpoint)."""
+        cfg = self.config.train
+        self.model.train()
+        log = RunLog(self.run_dir, self.total_steps, self.state.step, self.config.output.tensorboard)
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                    else nullcontext())
+        try:
+            with _sigint_as_flag() as stop_requested:
+                while self.state.step < self.total_steps:
+                    started = time.perf_counter()
+                    loss, tokens = self._step(autocast)
+                    self.train_seconds += time.perf_counter() - started
+                    self.tokens_this_run += tokens
+                    self.state.step += 1
+                    self.state.tokens_seen += tokens
+                    self._after_step(log, loss, tokens)
+                    if stop_requested():
+                        self._save()
+                        return True
+        finally:
+            log.close()
+        return False
+
+    def _step(self, autocast) -> tuple[float, int]:
+        cfg = self.config.train
+        indices = self.micro_batches(self.state.step)
+        micro = [collate([self.data.train[i] for i in idx], self.pad_id) for idx in indices]
+        label_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        tokens = sum(len(self.data.train[i].input_ids) for idx in indices for i in idx)
+        total = 0.0
+        for batch in micro:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with autocast:
+                loss_sum, _ = summed_token_loss(self.model, batch)
+            loss = loss_sum / max(label_count, 1)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss is {loss.item()} at step {self.state.step + 1}; stopping. The last good checkpoint "
+                    f"(if any) is in {self.run_dir / 'checkpoints'}. Lower train.lr or check the data.")
+            loss.backward()
+            total += loss.item()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, tokens
+
+    def _after_step(self, log: RunLog, loss: float, tokens: int) -> None:
+        cfg, step = self.config.train, self.state.step
+        self.last_loss = loss
+        tokens_per_s = self.tokens_this_run / max(self.train_seconds, 1e-9)
+        lr = self.scheduler.get_last_lr()[0]
+        log.progress(1, loss, lr, tokens_per_s)
+        if step % cfg.logging_steps == 0 or step == self.total_steps:
+            log.log(step, {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "tokens_seen": self.state.tokens_seen})
+        if self.data.eval and (step == self.total_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
+            self.last_eval = eval_loss(self.model, self.data.eval, cfg.batch_size, self.pad_id, self.device)
+            log.log(step, self.last_eval)
+        if cfg.save_steps and step % cfg.save_steps == 0:
+            self._save()
+
+    def _save(self) -> None:
+        save_checkpoint(self.run_dir, self.model, self.spec, self.config.adapter.name, self.config.model.source,
+                        self.optimizer, self.scheduler, self.state, self.config.train.save_total_limit)
+
+    def summary(self) -> dict:
+        return {
+            "steps": self.state.step,
+            "train_loss": self.last_loss,
+            "tokens_per_s": self.tokens_this_run / max(self.train_seconds, 1e-9),
+            "train_seconds": self.train_seconds,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            **self.last_eval,
+        }
+
+
+@contextmanager
+def _sigint_as_flag():
+    """Ctrl-C sets a flag that the loop checks between steps (so a checkpoint is never half-updated);
+    a second Ctrl-C interrupts at once."""
+    pressed = []
+
+    def handler(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave Ctrl-C alone
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _finish(run_dir: Path, config: Config, summary: dict, echo) -> None:
+    if config.output.plot:
+        plot_loss_curve(run_dir)
+    tmp = run_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, run_dir / "summary.json")
+    lines = [f"steps {summary['steps']}", f"train loss {summary['train_loss']:.4f}",
+             f"{summary['tokens_per_s']:.1f} tokens/s", f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB"]
+    if "eval_loss" in summary:
+        lines.append(f"eval loss {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f})")
+    if "test_exact_match_after" in summary:
+        before = summary.get("test_exact_match_before")
+        lines.append(f"held-out exact match {'' if before is None else f'{before:.1%} -> '}"
+                     f"{summary['test_exact_match_after']:.1%}")
+    echo("done: " + "; ".join(lines) + f"\nadapter saved to {run_dir / 'adapter'}")
