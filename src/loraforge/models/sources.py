@@ -36,6 +36,9 @@ class ModelSourceError(ValueError):
 
 def load_model(source: str = "default", dtype: str = "float32"):
     """Load ``source`` (see module docstring) and return ``(model, tokenizer)`` with the model in eval mode."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     torch_dtype = _torch_dtype(dtype)
     if source in TINY_FAMILIES:
         return tiny_model(source).to(torch_dtype), tiny_tokenizer()
