@@ -134,3 +134,30 @@ def test_cli_reports_config_errors_without_traceback(toy_run):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "did you mean 'train.lr'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_qlora_run_trains_on_a_4bit_base(toy_run, method):
+    """QLoRA through the user path: quantize on load, train the adapter, base stays NF4."""
+    quant = {"bits": 4, "type": "nf4", "double_quant": True, "block_size": 64, "compute_dtype": "fp32"}
+    config = load_config(toy_run(model={"quantization": quant}, adapter={"method": method},
+                                 train={"max_steps": 40}))
+    result = run_training(config, echo=quiet)
+    losses = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert sum(losses[-10:]) / 10 < sum(losses[:5]) / 5 - 0.1
+    saved = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_dora"] == (method == "dora")
+
+
+def test_qlora_model_has_quantized_frozen_linears(toy_run):
+    from loraforge.adapters import adapted_layers
+    from loraforge.quant.base import QuantLinear
+    from loraforge.train.run import prepare_model
+
+    quant = {"bits": 4, "type": "nf4", "compute_dtype": "fp32"}
+    config = load_config(toy_run(model={"quantization": quant}))
+    model, _, _ = prepare_model(config, torch.device("cpu"))
+    layers = adapted_layers(model)
+    assert layers and all(isinstance(layer.base_layer, QuantLinear) for layer in layers.values())
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".adapters." not in n)

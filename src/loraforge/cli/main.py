@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. train.lr=1e-4")
     train.set_defaults(handler=_train)
 
+    info = commands.add_parser("info", help="model size, trainable parameters and quantized storage for a config")
+    info.add_argument("config", help="path to the YAML config")
+    info.add_argument("overrides", nargs="*", metavar="key=value")
+    info.set_defaults(handler=_info)
+
     chat = commands.add_parser("chat", help="chat with a model (and an adapter)")
     chat.add_argument("--model", default="default", help="model source (default: the embedded SmolLM2-135M)")
     chat.add_argument("--adapter", help="adapter directory (PEFT format)")
@@ -57,6 +62,21 @@ def _train(args) -> int:
     config = load_config(args.config, args.overrides)
     result = run_training(config)
     return 130 if result.interrupted else 0
+
+
+def _info(args) -> int:
+    import torch
+
+    from loraforge.config import load_config
+    from loraforge.quant.summary import quant_summary
+    from loraforge.train.run import model_summary_line, prepare_model
+
+    config = load_config(args.config, args.overrides, check_files=False)
+    model, _, _ = prepare_model(config, torch.device("cpu"))
+    print(model_summary_line(config, model))
+    for key, value in quant_summary(model).items():
+        print(f"  {key}: {value}")
+    return 0
 
 
 def _chat(args) -> int:

@@ -6,7 +6,8 @@ its packed tensors as buffers and answers:
 - ``shape``: ``(out_features, in_features)`` of the dense weight it stands for;
 - ``dequantize(dtype)``: the dense ``(out_features, in_features)`` weight;
 - ``matmul(x)``: ``x @ W.T`` for ``x`` of shape ``(..., in_features)``, fused where a kernel exists,
-  else by dequantizing this one layer (never more than one layer's dense weight at a time);
+  else by dequantizing this one layer (never more than one layer's dense weight at a time;
+  ``dequantize_matmul`` does this and keeps autograd from storing the dense weight);
 - ``nbytes``: storage bytes of the packed tensors (codes, scales, nested constants);
 - ``tensors()`` / ``from_tensors(tensors, meta)``: the safetensors round trip.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -34,6 +36,29 @@ class QuantizedWeight(Protocol):
     def nbytes(self) -> int: ...
 
 
+class _DequantizedLinear(torch.autograd.Function):
+    """``x @ W.T`` for a frozen quantized ``W``. Backward dequantizes again instead of letting autograd
+    keep every layer's dense weight alive until the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+        ctx.weight = weight
+        return F.linear(x, weight.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad_out @ ctx.weight.dequantize(grad_out.dtype), None
+
+
+def dequantize_matmul(weight: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` in ``x.dtype`` by dequantizing ``weight`` for this call only.
+
+    Shapes: ``x`` ``(..., in_features)`` -> ``(..., out_features)``. Gradients flow to ``x`` (and to
+    anything upstream, such as a LoRA adapter), never to ``weight``.
+    """
+    return _DequantizedLinear.apply(x, weight)
+
+
 class QuantLinear(nn.Module):
     """A frozen linear layer whose weight is stored quantized; ``compute_dtype`` is the matmul dtype.
 
@@ -49,6 +74,16 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.qweight.dequantize(dtype or self.compute_dtype)
+
+    def _apply(self, fn, recurse=True):
+        """Follow device moves but not dtype casts: ``model.to(torch.bfloat16)`` or ``model.half()`` must
+        not round the fp32 quantization constants, and the bias stays in ``compute_dtype``."""
+
+        def move_only(tensor: torch.Tensor) -> torch.Tensor:
+            moved = fn(tensor)
+            return moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+
+        return super()._apply(move_only, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.qweight.matmul(x.to(self.compute_dtype))

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from loraforge.adapters import AdapterError, merge_adapters, unmerge_adapters
+from loraforge.adapters import AdapterError, adapted_layers, merge_adapters, unmerge_adapters
 from loraforge.data.collate import collate
 from loraforge.data.tokenize import Sample, prompt_ids
 from loraforge.train.loss import summed_token_loss
@@ -36,11 +36,13 @@ def generate_replies(model: nn.Module, tokenizer, prompts: Sequence[list[int]], 
     where the base allows it (no LoRA latency), and unmerged after."""
     was_training = model.training
     model.eval()
-    try:
-        merge_adapters(model)
-        merged = True
-    except AdapterError:
-        merged = False
+    merged = False
+    if not any(layer.disabled for layer in adapted_layers(model).values()):
+        try:
+            merge_adapters(model)
+            merged = True
+        except AdapterError:  # a quantized base can't take an in-place merge: run unmerged
+            pass
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     replies: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

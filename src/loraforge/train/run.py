@@ -64,18 +64,11 @@ def run_training(config: Config, echo=print) -> RunResult:
     resume_from = _prepare_run_dir(config, run_dir)
     _seed_everything(config.train.seed)
 
-    model, tokenizer = load_model(config.model.source, config.model.dtype)
-    model = _quantize_if_asked(model, config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    spec = adapter_spec(config)
-    add_adapter(model, spec, config.adapter.name)
-    n_trainable = mark_only_adapters_trainable(model)
+    model, tokenizer, spec = prepare_model(config, device)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    n_total = sum(p.numel() for p in model.parameters())
-    echo(f"model {config.model.source}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
-         f"({100 * n_trainable / n_total:.2f}%) in {config.adapter.method} r={config.adapter.r}")
+    echo(model_summary_line(config, model))
 
     data = _build_data(config, tokenizer)
     echo(str(data.report))
@@ -113,6 +106,33 @@ def run_training(config: Config, echo=print) -> RunResult:
     return RunResult(run_dir, adapter_dir, state.step, summary=summary)
 
 
+def prepare_model(config: Config, device: torch.device):
+    """Load the base model, quantize it if asked, add the adapter and freeze the rest.
+
+    Returns ``(model, tokenizer, spec)``."""
+    model, tokenizer = load_model(config.model.source, config.model.dtype)
+    model = _quantize_if_asked(model, config)
+    model.to(device)
+    spec = adapter_spec(config)
+    add_adapter(model, spec, config.adapter.name)
+    mark_only_adapters_trainable(model)
+    return model, tokenizer, spec
+
+
+def model_summary_line(config: Config, model: nn.Module) -> str:
+    """One line: parameters, trainable share, adapter, and the quantized linears' storage when quantized."""
+    from loraforge.quant.summary import quant_summary
+
+    info = quant_summary(model)
+    line = (f"model {config.model.source}: {info['params'] / 1e6:.1f}M parameters, "
+            f"{info['trainable_params'] / 1e6:.2f}M trainable ({100 * info['trainable_params'] / info['params']:.2f}%) "
+            f"in {config.adapter.method} r={config.adapter.r}; {info['total_bytes'] / 2**20:.0f} MiB in memory")
+    if info["quantized_layers"]:
+        line += (f"; {info['quantized_layers']} quantized linears ({', '.join(info['formats'])}) at "
+                 f"{info['bits_per_param']:.3f} bits/parameter")
+    return line
+
+
 def adapter_spec(config: Config) -> AdapterSpec:
     """The adapters package's spec from the config's ``adapter`` section (``name`` is not part of it)."""
     fields = {f.name for f in dataclasses.fields(AdapterSpec)}
@@ -123,9 +143,11 @@ def _quantize_if_asked(model: nn.Module, config: Config) -> nn.Module:
     quant = config.model.quantization
     if quant is None:
         return model
-    from loraforge.quant import quantize_model_from_config
+    from loraforge.quant.quantize_model import quantize_model
 
-    return quantize_model_from_config(model, quant)
+    size = quant.block_size if quant.block_size is not None else quant.group_size
+    return quantize_model(model, bits=quant.bits, type=quant.type, double_quant=bool(quant.double_quant),
+                          block_size=size, compute_dtype=quant.compute_dtype)
 
 
 def _build_data(config: Config, tokenizer):

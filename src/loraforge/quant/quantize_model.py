@@ -1,0 +1,161 @@
+"""Quantize a causal LM's linear layers in place: the ``quantization:`` block of the YAML config.
+
+``quantization: {bits: 4, type: nf4, double_quant: true, block_size: 64, compute_dtype: bf16}`` becomes
+``quantize_model(model, bits=4, type="nf4", double_quant=True, block_size=64, compute_dtype="bf16")``.
+Every ``nn.Linear`` except the output head is replaced by a ``QuantLinear``; in a Llama-family model
+these are exactly the attention and MLP projections of the decoder layers. The embedding is not a
+linear layer and the output head (``lm_head``) is skipped, so both stay dense.
+"""
+
+from __future__ import annotations
+
+import platform
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from loraforge.quant.base import QuantizedWeight, QuantLinear
+from loraforge.quant.blockwise4bit import BLOCK_SIZES, Blockwise4bitWeight
+
+
+def _blockwise_4bit(format: str) -> Callable[[torch.Tensor, int, int, bool], QuantizedWeight]:
+    def quantize(weight: torch.Tensor, bits: int, block_size: int, double_quant: bool) -> QuantizedWeight:
+        return Blockwise4bitWeight.from_dense(weight, format, block_size, double_quant)
+
+    return quantize
+
+
+QUANTIZERS: dict[str, Callable[[torch.Tensor, int, int, bool], QuantizedWeight]] = {
+    "nf4": _blockwise_4bit("nf4"),
+    "fp4": _blockwise_4bit("fp4"),
+}
+"""``type`` -> ``quantize(dense_weight, bits, block_size, double_quant)``. A new format registers here, and
+its class in ``WEIGHT_CLASSES``."""
+
+WEIGHT_CLASSES: dict[str, type] = {"nf4": Blockwise4bitWeight, "fp4": Blockwise4bitWeight}
+"""Stored ``meta["format"]`` -> the class whose ``from_tensors`` rebuilds it."""
+
+FOUR_BIT_ONLY = ("nf4", "fp4")
+
+COMPUTE_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+def quantize_model(
+    model: nn.Module,
+    bits: int = 4,
+    type: str = "nf4",
+    double_quant: bool = True,
+    block_size: int = 64,
+    compute_dtype: torch.dtype | str = torch.bfloat16,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` but the output head by a frozen ``QuantLinear``, one layer at a time.
+
+    Each dense weight is quantized on its own device and dropped as soon as its layer is replaced, so the
+    model never holds more than one extra layer. Returns ``model`` (changed in place).
+
+    Args:
+        model: a module; the output head is ``model.get_output_embeddings()`` when the model has one,
+            else any module named ``lm_head``.
+        bits: 4 (NF4 and FP4 are 4-bit formats).
+        type: ``"nf4"`` or ``"fp4"`` (keys of ``QUANTIZERS``).
+        double_quant: also quantize the per-block absmax to 8 bits (QLoRA's double quantization).
+        block_size: elements per absmax block (``BLOCK_SIZES``); it must divide every layer's element count.
+        compute_dtype: matmul dtype, a ``torch.dtype`` or ``"bf16"``/``"fp16"``/``"fp32"``. bf16 on hardware
+            without bf16 support falls back to fp32 with a warning (see ``bf16_supported``).
+
+    Raises:
+        ValueError: listing every problem at once: an unknown ``type``, ``bits`` other than 4 for NF4/FP4,
+            an unsupported ``block_size`` or ``compute_dtype``, and each layer (by name) whose element
+            count ``block_size`` does not divide. Nothing is changed when it raises.
+    """
+    dtype = _check_options(bits, type, block_size, compute_dtype)
+    targets = _linear_layers(model)
+    if not targets:
+        raise ValueError(f"{model.__class__.__name__} has no nn.Linear layers to quantize besides the output head")
+    misfits = [
+        f"{name} (weight {tuple(layer.weight.shape)}, {layer.weight.numel()} elements)"
+        for name, layer in targets
+        if layer.weight.numel() % block_size
+    ]
+    if misfits:
+        fitting = [b for b in BLOCK_SIZES if all(layer.weight.numel() % b == 0 for _, layer in targets)]
+        divisor = max(fitting, default=None)
+        hint = f"block_size {divisor} divides every layer" if divisor else "no supported block size divides every layer"
+        raise ValueError(f"block_size {block_size} does not divide the element count of: {', '.join(misfits)}; {hint}")
+    dtype = resolve_compute_dtype(dtype, targets[0][1].weight.device)
+    names = [name for name, _ in targets]
+    del targets  # hold no reference to a dense layer once it is replaced
+    quantize = QUANTIZERS[type]
+    for name in names:
+        layer = model.get_submodule(name)
+        weight = quantize(layer.weight.detach(), bits, block_size, double_quant)
+        model.set_submodule(name, QuantLinear(weight, layer.bias, dtype))
+    return model
+
+
+def _check_options(bits: int, type: str, block_size: int, compute_dtype: torch.dtype | str) -> torch.dtype:
+    problems = []
+    if type not in QUANTIZERS:
+        problems.append(f"unknown quantization type {type!r}; supported: {', '.join(sorted(QUANTIZERS))}")
+    elif type in FOUR_BIT_ONLY and bits != 4:
+        problems.append(f"type {type!r} is 4-bit only, got bits={bits}; for 2-, 3- or 8-bit weights use type: int")
+    if block_size not in BLOCK_SIZES:
+        problems.append(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}")
+    dtype = COMPUTE_DTYPES.get(compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
+    if dtype not in COMPUTE_DTYPES.values():
+        problems.append(f"compute_dtype must be one of bf16, fp16, fp32, got {compute_dtype!r}")
+    if problems:
+        raise ValueError("bad quantization settings: " + "; ".join(problems))
+    return dtype
+
+
+def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """``(qualified name, layer)`` of every ``nn.Linear`` except the output head."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head and name.rsplit(".", 1)[-1] != "lm_head"
+    ]
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` has bf16 arithmetic in hardware.
+
+    - CUDA: ``torch.cuda.is_bf16_supported(including_emulation=False)`` (compute capability 8.0+).
+    - x86 CPU: AVX512-BF16 or AMX, from ``torch.cpu._is_avx512_bf16_supported()`` and
+      ``torch.cpu._is_amx_tile_supported()``. ``torch.backends.cpu.get_cpu_capability()`` is not enough:
+      it says "AVX512" on CPUs without the bf16 instructions.
+    - Other CPUs (ARM): oneDNN's bf16 probe, ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``.
+    - Other devices: assumed yes.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return True
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return any(probe() for probe in probes if probe is not None)
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """``dtype``, or fp32 with a warning when it is bf16 and ``device`` lacks bf16 hardware."""
+    if dtype == torch.bfloat16 and not bf16_supported(device):
+        warnings.warn(
+            f"compute_dtype bf16 is not supported in hardware on {device} (see loraforge.quant.quantize_model"
+            ".bf16_supported); computing in fp32 instead. Set compute_dtype: fp32 to silence this warning.",
+            stacklevel=3,
+        )
+        return torch.float32
+    return dtype

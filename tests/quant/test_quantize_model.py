@@ -1,0 +1,120 @@
+"""quantize_model on a tiny Llama: what gets quantized, how close the logits stay, the accounting, bad input."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from loraforge.models.tiny import tiny_model
+from loraforge.quant import quantize_model as quantize_module
+from loraforge.quant.base import QuantLinear
+from loraforge.quant.quantize_model import bf16_supported, quantize_model
+from loraforge.quant.summary import quant_summary
+
+TOKENS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def test_decoder_linears_are_quantized_and_embedding_and_head_stay_dense():
+    model = tiny_model("tiny-llama")
+    reference = logits(model)
+    quantize_model(model, type="nf4", double_quant=True, block_size=64, compute_dtype=torch.float32)
+    quantized = {name for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+    assert len(quantized) == 2 * 7
+    assert all(".layers." in name for name in quantized)
+    assert [name for name, module in model.named_modules() if isinstance(module, nn.Linear)] == ["lm_head"]
+    assert isinstance(model.model.embed_tokens, nn.Embedding)
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    out = logits(model)
+    assert torch.corrcoef(torch.stack([out.flatten(), reference.flatten()]))[0, 1] > 0.99
+    assert (out - reference).abs().max() < 0.25 * reference.abs().max()
+
+
+def test_bf16_compute_runs_in_bf16(monkeypatch):
+    monkeypatch.setattr(quantize_module, "bf16_supported", lambda device: True)
+    model = tiny_model("tiny-qwen2")  # q/k/v carry biases
+    reference = logits(model)
+    quantize_model(model, type="fp4", block_size=32, compute_dtype="bf16")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.compute_dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    out = logits(model)
+    assert out.dtype == torch.float32
+    assert torch.corrcoef(torch.stack([out.flatten(), reference.flatten()]))[0, 1] > 0.98
+
+
+def test_bf16_without_hardware_support_falls_back_to_fp32_with_a_warning(monkeypatch):
+    monkeypatch.setattr(quantize_module, "bf16_supported", lambda device: False)
+    model = tiny_model("tiny-llama")
+    with pytest.warns(UserWarning, match="bf16 is not supported in hardware.*fp32"):
+        quantize_model(model, compute_dtype=torch.bfloat16)
+    assert model.model.layers[1].mlp.down_proj.compute_dtype == torch.float32
+
+
+def test_bf16_probe_answers_for_this_cpu():
+    assert isinstance(bf16_supported(torch.device("cpu")), bool)
+
+
+def test_fp32_compute_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_model(tiny_model("tiny-llama"), compute_dtype="fp32")
+
+
+def test_summary_counts_bits_bytes_and_trainable_parameters():
+    model = tiny_model("tiny-llama")
+    dense_params = sum(p.numel() for p in model.parameters())
+    quantize_model(model, compute_dtype="fp32")
+    summary = quant_summary(model)
+    linears = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 3)
+    assert summary["quantized_layers"] == 14 and summary["formats"] == {"nf4": 14}
+    assert summary["quantized_params"] == linears
+    assert summary["params"] == dense_params
+    # Per layer: n/2 code bytes + n/64 absmax codes + 4 bytes per 256 blocks + a 4-byte offset.
+    layer_sizes = [4096, 2048, 2048, 4096, 8192, 8192, 8192]
+    expected_bytes = 2 * sum(n // 2 + n // 64 + 4 * -(-(n // 64) // 256) + 4 for n in layer_sizes)
+    assert summary["quantized_bytes"] == expected_bytes
+    assert summary["bits_per_param"] == pytest.approx(8 * expected_bytes / linears)
+    assert 4.127 < summary["bits_per_param"] < 4.15  # small layers pay a little more for the offset
+    dense_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert summary["total_bytes"] == dense_bytes
+    assert summary["trainable_params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_summary_of_a_dense_model():
+    summary = quant_summary(tiny_model("tiny-llama"))
+    assert summary["quantized_layers"] == 0 and summary["bits_per_param"] is None
+
+
+def test_block_size_that_does_not_divide_a_layer_names_it_and_changes_nothing():
+    model = tiny_model("tiny-llama")
+    with pytest.raises(ValueError) as error:
+        quantize_model(model, block_size=4096)
+    message = str(error.value)
+    assert "block_size 4096 does not divide" in message
+    assert "model.layers.0.self_attn.k_proj (weight (32, 64), 2048 elements)" in message
+    assert "model.layers.1.self_attn.v_proj" in message
+    assert "block_size 2048 divides every layer" in message
+    assert not any(isinstance(module, QuantLinear) for module in model.modules())
+
+
+def test_nf4_with_three_bits_suggests_type_int():
+    message = r"type 'nf4' is 4-bit only, got bits=3; for 2-, 3- or 8-bit weights use type: int"
+    with pytest.raises(ValueError, match=message):
+        quantize_model(tiny_model("tiny-llama"), bits=3, type="nf4")
+
+
+def test_unknown_type_lists_the_supported_ones():
+    with pytest.raises(ValueError, match=r"unknown quantization type 'nf5'; supported: fp4, nf4"):
+        quantize_model(tiny_model("tiny-llama"), type="nf5")
+
+
+def test_every_bad_setting_is_reported_at_once():
+    with pytest.raises(ValueError) as error:
+        quantize_model(tiny_model("tiny-llama"), bits=8, type="fp4", block_size=48, compute_dtype="int8")
+    message = str(error.value)
+    assert "4-bit only" in message and "block_size must be one of 32, 64" in message and "compute_dtype" in message
