@@ -26,7 +26,8 @@ def build(train_files, **overrides):
 
 
 def write_jsonl(path, n, start=0):
-    path.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(start, start + n)))
+    lines = [json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(start, start + n)]
+    path.write_text("".join(lines))
     return path
 
 

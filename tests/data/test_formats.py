@@ -46,7 +46,8 @@ def test_sharegpt_roles_and_system_field():
             {"from": "assistant", "value": "d"},
         ],
     )
-    assert [m["role"] for m in messages([record], "sharegpt")[0]] == ["system", "user", "assistant", "user", "assistant"]
+    roles = [m["role"] for m in messages([record], "sharegpt")[0]]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
 
 
 def test_sharegpt_unknown_speaker():
@@ -70,7 +71,8 @@ def test_columns_mapping():
 
 
 def test_columns_mapping_to_missing_column_lists_columns():
-    with pytest.raises(DataError, match=r"instruction is mapped to column 'prompt'.*columns found: \['answer', 'question'\]"):
+    expected = r"instruction is mapped to column 'prompt'.*columns found: \['answer', 'question'\]"
+    with pytest.raises(DataError, match=expected):
         to_conversations([rec(question="Q", answer="A")], "alpaca", {"instruction": "prompt"}, None)
 
 
@@ -80,13 +82,15 @@ def test_columns_mapping_of_unknown_field():
 
 
 def test_unknown_format_lists_formats():
-    with pytest.raises(DataError, match=r"unknown data format 'alpacca'; choose one of \['alpaca', 'openai', 'sharegpt'\]"):
+    expected = r"unknown data format 'alpacca'; choose one of \['alpaca', 'openai', 'sharegpt'\]"
+    with pytest.raises(DataError, match=expected):
         to_conversations([rec(instruction="Q", output="A")], "alpacca", None, None)
 
 
 def test_missing_required_field_names_origin_and_fields():
     records = [rec(instruction="Q", output="A"), rec("d.jsonl:2", instruction="Q", answer="A")]
-    with pytest.raises(DataError, match=r"d.jsonl:2: missing required field 'output'; the record has \['answer', 'instruction'\]"):
+    expected = r"d.jsonl:2: missing required field 'output'; the record has \['answer', 'instruction'\]"
+    with pytest.raises(DataError, match=expected):
         to_conversations(records, "alpaca", None, None)
 
 

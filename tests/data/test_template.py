@@ -40,7 +40,8 @@ def test_template_that_is_not_prefix_stable():
         "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    with pytest.raises(DataError, match=r"not prefix-stable.*differ at character \d+: 'hello<\|im_end\|>\\n' vs '\[old\]"):
+    expected = r"not prefix-stable.*differ at character \d+: 'hello<\|im_end\|>\\n' vs '\[old\]"
+    with pytest.raises(DataError, match=expected):
         assistant_spans(tiny_tokenizer(), CHAT, template)
 
 

@@ -45,7 +45,8 @@ def test_loss_only_on_assistant_reply_and_end_token():
 
 def test_every_assistant_turn_is_trained():
     tokenizer = tiny_tokenizer()
-    (sample,), _ = tokenize_conversations(tokenizer, [conv("a", "first", "b", "second", "c", "third")], "auto", 512, False)
+    conversation = conv("a", "first", "b", "second", "c", "third")
+    (sample,), _ = tokenize_conversations(tokenizer, [conversation], "auto", 512, False)
     assert labelled_runs(tokenizer, sample) == ["first<|im_end|>", "second<|im_end|>", "third<|im_end|>"]
 
 
@@ -64,7 +65,8 @@ def test_template_that_injects_a_default_system_prompt():
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named Tiny.")
     assert text.count("named Tiny") == 1
     assert labelled_runs(tokenizer, sample) == ["r1<|im_end|>", "r2<|im_end|>"]
-    assert prompt_ids(tokenizer, conv("q1", "r1").messages[:1], "auto") == sample.input_ids[: sample.labels.index(ord("r"))]
+    first_reply = sample.labels.index(ord("r"))
+    assert prompt_ids(tokenizer, conv("q1", "r1").messages[:1], "auto") == sample.input_ids[:first_reply]
 
 
 def test_chatml_forced_and_fallback_agree():

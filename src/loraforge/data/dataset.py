@@ -42,7 +42,8 @@ class DataReport:
     def _line(self, name: str, report: SplitReport, rows: int) -> str:
         line = (
             f"{name}: {report.kept} samples, {report.tokens} tokens ({report.label_tokens} with loss); "
-            f"{report.truncated} of {report.samples} truncated to cutoff_len={self.cutoff_len}, {report.dropped} dropped"
+            f"{report.truncated} of {report.samples} truncated to cutoff_len={self.cutoff_len}, "
+            f"{report.dropped} dropped"
         )
         if rows != report.kept:
             line += f"; packed into {rows} rows"

@@ -106,7 +106,7 @@ class _Fields:
             if required:
                 raise DataError(
                     f"{self.origin}: missing required field {column!r}; the record has {sorted(self.record.fields)}"
-                    + (" (map columns with `columns`)" if column == field else "")
+                    + ("; if the file names it differently, map it with `columns`" if column == field else "")
                 )
             return None
         if not isinstance(value, kind):
@@ -123,7 +123,8 @@ def _alpaca(fields: _Fields) -> list[Message]:
         messages.append({"role": "system", "content": system})
     for i, pair in enumerate(fields.get("history", list, required=False) or []):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
-            raise DataError(f"{fields.origin}: {fields.column('history')}[{i}] must be a [user, assistant] pair of strings")
+            name = fields.column("history")
+            raise DataError(f"{fields.origin}: {name}[{i}] must be a [user, assistant] pair of strings")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     prompt = fields.get("instruction", str, required=True)
     extra = fields.get("input", str, required=False)

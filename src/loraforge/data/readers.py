@@ -111,7 +111,9 @@ def _top_level_items(text: str, path: Path) -> list[tuple[Any, int]]:
         _check_end(text, end)
         if len(lists) != 1:
             found = f"has list-valued keys {sorted(lists)}" if lists else "has no list value"
-            raise DataError(f"{path}:1: a top-level JSON object must hold exactly one list of records; this one {found}")
+            raise DataError(
+                f"{path}:1: a top-level JSON object must hold exactly one list of records; this one {found}"
+            )
         return next(iter(lists.values()))
     decoder.decode(text)  # raises a JSONDecodeError with a position for garbage input
     raise DataError(f"{path}:1: expected a list of records or an object holding one, got a JSON scalar")
