@@ -34,3 +34,29 @@ def test_user_errors_are_one_line_without_traceback(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and "Traceback" not in err
+
+
+def test_export_a_qalora_run_to_gguf_and_hf(tmp_path, capsys):
+    """train (QA-LoRA on INT4) -> export --run: the GGUF holds Q4_1 blocks; the HF folder loads and matches."""
+    import json
+
+    import gguf
+    import torch
+
+    from loraforge.models import load_model
+
+    rows = [{"instruction": f"say {w}", "output": w.upper()} for w in ["cat", "dog", "sun", "sky"]]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "c.yaml").write_text(
+        "model: {source: tiny-llama, threads: 1, quantization: {type: int, bits: 4, group_size: 32, compute_dtype: fp32}}\n"
+        "adapter: {method: qalora, r: 4}\n"
+        "data: {train_files: train.jsonl, cutoff_len: 64}\n"
+        f"train: {{max_steps: 5, batch_size: 2, lr: 0.05}}\noutput: {{dir: {tmp_path / 'run'}}}\n")
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    assert main(["export", "--run", str(tmp_path / "run"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_1" and types["blk.1.ffn_down.weight"] == "Q4_1"
+    assert main(["export", "--run", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    merged, _ = load_model(str(tmp_path / "hf"))
+    assert merged(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+    assert "wrote" in capsys.readouterr().out

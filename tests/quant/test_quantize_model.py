@@ -109,7 +109,7 @@ def test_nf4_with_three_bits_suggests_type_int():
 
 
 def test_unknown_type_lists_the_supported_ones():
-    with pytest.raises(ValueError, match=r"unknown quantization type 'nf5'; supported: fp4, nf4"):
+    with pytest.raises(ValueError, match=r"unknown quantization type 'nf5'; supported: fp4, int, nf4"):
         quantize_model(tiny_model("tiny-llama"), type="nf5")
 
 
@@ -118,3 +118,12 @@ def test_every_bad_setting_is_reported_at_once():
         quantize_model(tiny_model("tiny-llama"), bits=8, type="fp4", block_size=48, compute_dtype="int8")
     message = str(error.value)
     assert "4-bit only" in message and "block_size must be one of 32, 64" in message and "compute_dtype" in message
+
+
+def test_int_type_groups_along_in_features_and_names_misfits():
+    from loraforge.quant.intk import IntKWeight
+
+    model = quantize_model(tiny_model("tiny-llama"), bits=3, type="int", block_size=32, compute_dtype="fp32")
+    assert all(isinstance(m.qweight, IntKWeight) for m in model.modules() if isinstance(m, QuantLinear))
+    with pytest.raises(ValueError, match=r"group_size 128 does not divide the in_features of: .*q_proj.*group_size 64"):
+        quantize_model(tiny_model("tiny-llama"), bits=4, type="int", block_size=128)

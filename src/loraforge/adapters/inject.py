@@ -9,10 +9,11 @@ from torch import nn
 from loraforge.adapters.dora import DoraAdapter
 from loraforge.adapters.layer import AdaptedLinear
 from loraforge.adapters.lora import LoraAdapter
+from loraforge.adapters.qalora import QALoraAdapter
 from loraforge.adapters.spec import AdapterError, AdapterSpec
 from loraforge.quant.base import QuantLinear
 
-METHODS: dict[str, type[nn.Module]] = {"lora": LoraAdapter, "dora": DoraAdapter}
+METHODS: dict[str, type[nn.Module]] = {"lora": LoraAdapter, "dora": DoraAdapter, "qalora": QALoraAdapter}
 """Adapter method name -> class; each class is built as ``cls(base, r, scaling, dropout, init)``."""
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")

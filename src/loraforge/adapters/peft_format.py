@@ -1,7 +1,8 @@
 """Adapters on disk in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Tensor keys are ``base_model.model.<module path>.<suffix>`` with suffixes ``lora_A.weight`` (r, in),
-``lora_B.weight`` (out, r) and, for DoRA, ``lora_magnitude_vector`` (out,). The prefix is mandatory:
+``lora_B.weight`` (out, r) and, for DoRA, ``lora_magnitude_vector`` (out,). QA-LoRA is PEFT's
+``use_qalora`` with ``qalora_group_size``; its ``lora_A.weight`` is (r, in / group_size). The prefix is mandatory:
 PEFT silently loads nothing without it. Only safetensors are read; ``adapter_model.bin`` is refused.
 """
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from loraforge.adapters.inject import add_adapter
 from loraforge.adapters.model import adapted_layers, adapter_names
+from loraforge.adapters.qalora import group_size_of
 from loraforge.adapters.spec import AdapterError, AdapterSpec
 
 CONFIG_NAME = "adapter_config.json"
@@ -45,9 +47,10 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 
 def peft_config(spec: AdapterSpec, model: nn.Module, name: str, base_model_name_or_path: str | None) -> dict:
     """PEFT's ``LoraConfig`` fields for ``spec``; ``target_modules`` lists the leaf names actually adapted."""
-    if spec.method not in ("lora", "dora"):
+    if spec.method not in ("lora", "dora", "qalora"):
         raise AdapterError(f"adapter method {spec.method!r} has no PEFT LoRA config")
     paths = [p for p, layer in adapted_layers(model).items() if name in layer.adapters]
+    qalora = {"use_qalora": True, "qalora_group_size": _qalora_group_size(model, paths)} if spec.method == "qalora" else {}
     targets = spec.target_modules if isinstance(spec.target_modules, str) and spec.target_modules != "all-linear" else (
         sorted({p.rsplit(".", 1)[-1] for p in paths})
     )
@@ -69,7 +72,16 @@ def peft_config(spec: AdapterSpec, model: nn.Module, name: str, base_model_name_
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "inference_mode": True,
+        **qalora,
     }
+
+
+def _qalora_group_size(model: nn.Module, paths: list[str]) -> int:
+    """PEFT stores one ``qalora_group_size`` per adapter, so every adapted layer must share it."""
+    sizes = {path: group_size_of(model.get_submodule(path).base_layer) for path in paths}
+    if len(set(sizes.values())) > 1:
+        raise AdapterError(f"QA-LoRA layers have different quantization group sizes {sizes}; PEFT's format holds one")
+    return next(iter(sizes.values()))
 
 
 def save_adapter(
@@ -127,11 +139,13 @@ def spec_from_peft_config(config: dict, source: str = "adapter_config.json") -> 
     """Our ``AdapterSpec`` for a PEFT LoRA/DoRA config."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise AdapterFormatError(f"{source}: peft_type {peft_type!r} is not supported; loraforge loads LORA adapters (LoRA, DoRA)")
+        raise AdapterFormatError(f"{source}: peft_type {peft_type!r} is not supported; loraforge loads LORA adapters (LoRA, DoRA, QA-LoRA)")
+    if config.get("use_dora") and config.get("use_qalora"):
+        raise AdapterFormatError(f"{source}: use_dora and use_qalora are both set; an adapter is one or the other")
     init = config.get("init_lora_weights", True)
     targets = config.get("target_modules") or "all-linear"
     return AdapterSpec(
-        method="dora" if config.get("use_dora") else "lora",
+        method="dora" if config.get("use_dora") else "qalora" if config.get("use_qalora") else "lora",
         r=int(config["r"]),
         alpha=float(config.get("lora_alpha", 8)),
         dropout=float(config.get("lora_dropout") or 0.0),
@@ -160,7 +174,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     per_module = _group_by_module(tensors, directory / WEIGHTS_NAME, spec.method)
     modules = dict(model.named_modules())
     for path, module_tensors in per_module.items():
-        _check_shapes(path, module_tensors, modules.get(path), directory / WEIGHTS_NAME)
+        _check_shapes(path, module_tensors, modules.get(path), directory / WEIGHTS_NAME, _qalora_file_group(config, spec))
     for path, module_tensors in per_module.items():
         r = module_tensors["lora_A.weight"].shape[0]
         _, alpha = spec.rank_and_alpha(path)
@@ -198,7 +212,13 @@ def _suffixes(method: str) -> tuple[str, ...]:
     return base + ("lora_magnitude_vector",) if method == "dora" else base
 
 
-def _check_shapes(path: str, tensors: dict[str, torch.Tensor], module: nn.Module | None, source: Path) -> None:
+def _qalora_file_group(config: dict, spec: AdapterSpec) -> int | None:
+    return int(config.get("qalora_group_size", 16)) if spec.method == "qalora" else None
+
+
+def _check_shapes(
+    path: str, tensors: dict[str, torch.Tensor], module: nn.Module | None, source: Path, qalora_group: int | None
+) -> None:
     key = f"{PREFIX}{path}"
     if module is None:
         raise AdapterFormatError(
@@ -208,7 +228,15 @@ def _check_shapes(path: str, tensors: dict[str, torch.Tensor], module: nn.Module
     if not hasattr(base, "in_features"):
         raise AdapterFormatError(f"{source}: {key}: module {path!r} is a {type(base).__name__}, not a linear layer")
     r = tensors["lora_A.weight"].shape[0]
-    expected = {"lora_A.weight": (r, base.in_features), "lora_B.weight": (base.out_features, r)}
+    a_in = base.in_features
+    if qalora_group is not None:
+        if group_size_of(base) != qalora_group:
+            raise AdapterFormatError(
+                f"{source}: {key}: the adapter was trained with qalora_group_size {qalora_group}, but this base is "
+                f"quantized in groups of {group_size_of(base)}; QA-LoRA needs the same groups it was trained on"
+            )
+        a_in = base.in_features // qalora_group
+    expected = {"lora_A.weight": (r, a_in), "lora_B.weight": (base.out_features, r)}
     if "lora_magnitude_vector" in tensors:
         expected["lora_magnitude_vector"] = (base.out_features,)
     for suffix, shape in expected.items():

@@ -45,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", metavar="key=value")
     info.set_defaults(handler=_info)
 
+    export = commands.add_parser("export", help="merge an adapter and write HF safetensors or a GGUF file")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a training run folder: its base model is rebuilt as the run's config says "
+                                      "(quantization included) and its adapter/ merged")
+    source.add_argument("--model", help="a model source, for --adapter (dense base)")
+    export.add_argument("--adapter", help="adapter directory (PEFT format) to merge into --model")
+    export.add_argument("--out", required=True, help="output folder (hf) or .gguf file (gguf)")
+    export.add_argument("--format", choices=["hf", "gguf"], default="hf")
+    export.add_argument("--gguf-type", default="auto", choices=["auto", "f16", "q8_0", "q4_1"],
+                        help="auto: keep quantized blocks losslessly (QA-LoRA), F16 elsewhere")
+    export.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="for hf")
+    export.set_defaults(handler=_export)
+
     chat = commands.add_parser("chat", help="chat with a model (and an adapter)")
     chat.add_argument("--model", default="default", help="model source (default: the embedded SmolLM2-135M)")
     chat.add_argument("--adapter", help="adapter directory (PEFT format)")
@@ -76,6 +89,13 @@ def _info(args) -> int:
     print(model_summary_line(config, model))
     for key, value in quant_summary(model).items():
         print(f"  {key}: {value}")
+    return 0
+
+
+def _export(args) -> int:
+    from loraforge.cli.export import export
+
+    print(export(args.run, args.model, args.adapter, args.out, args.format, args.gguf_type, args.dtype))
     return 0
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args
 from .validate import ConfigError, Problem, build
 
 ModelDtype = Literal["float32", "bfloat16", "float16"]
-QuantType = Literal["nf4", "fp4", "int"]
+QuantType = Literal["nf4", "fp4", "int", "gguf"]
 QuantBits = Literal[2, 3, 4, 8]
 GroupSize = Literal[32, 64, 128]
 ComputeDtype = Literal["fp32", "bf16", "fp16"]
@@ -58,7 +58,8 @@ class QuantizationConfig:
     ``group_size`` only for int."""
 
     bits: QuantBits = setting(4, "Bits per weight. nf4/fp4 are 4-bit only; int takes 2, 3, 4 or 8.")
-    type: QuantType = setting("nf4", "nf4 | fp4 (QLoRA blocks) | int (group-wise asymmetric INTk, as in QA-LoRA).")
+    type: QuantType = setting("nf4", "nf4 | fp4 (QLoRA blocks) | int (group-wise asymmetric INTk, as in QA-LoRA) | "
+                                     "gguf (keep a .gguf source's own Q4_0/Q4_1/Q8_0 blocks, bit-exact).")
     double_quant: bool | None = setting(None, "nf4/fp4 only: quantize the per-block scales too. None = true.")
     block_size: int | None = setting(None, "nf4/fp4 only: weights per scale. None = 64.", gt=0)
     group_size: GroupSize | None = setting(None, "int only: weights per scale and zero point. None = 64.")
@@ -79,6 +80,10 @@ class QuantizationConfig:
                                          "use type: int for 2, 3 or 8 bits"))
             if self.group_size is not None:
                 problems.append(("group_size", f"applies to type int only; type {self.type} uses block_size"))
+        elif self.type == "gguf":
+            for key in ("block_size", "group_size", "double_quant"):
+                if getattr(self, key) is not None:
+                    problems.append((key, "does not apply to type gguf: the blocks come from the file"))
         elif self.type == "int":
             if self.block_size is not None:
                 problems.append(("block_size", "applies to nf4/fp4 only; type int uses group_size"))
@@ -213,6 +218,7 @@ class Config:
         Raises ``ConfigError`` listing every problem, each prefixed with ``source``.
         """
         config, problems = build(cls, data)
+        problems += _cross_section_problems(config)
         _resolve_paths(config, base_dir or os.curdir)
         if check_files:
             problems += _missing_files(config)
@@ -223,6 +229,16 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (dicts, lists, scalars) that ``from_dict`` turns back into an equal Config."""
         return dataclasses.asdict(self)
+
+
+def _cross_section_problems(config: Config) -> list[Problem]:
+    """Rules that tie keys of different sections together."""
+    quant = config.model.quantization
+    if config.adapter.method == "qalora" and (quant is None or quant.type not in ("int", "gguf")):
+        return [Problem(("adapter", "method"), "adapter.method: qalora trains on group-quantized weights; set "
+                                               "model.quantization.type to int (INTk groups) or gguf (a .gguf "
+                                               "source's Q4_0/Q4_1 blocks)")]
+    return []
 
 
 def _resolve_paths(config: Config, base_dir: str | os.PathLike) -> None:

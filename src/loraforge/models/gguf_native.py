@@ -12,7 +12,7 @@ one row, undoing that permutation moves whole rows of blocks and changes no byte
 (:func:`rope_row_order`). The embedding and norms are dense (a quantized embedding is dequantized
 with our codecs). The config is built from the file's metadata here (transformers' own GGUF config
 path parses the whole file again, ~10 s for the default model); the tokenizer comes from transformers'
-GGUF tokenizer converter.
+GGUF tokenizer converter (``PreTrainedTokenizerFast.from_pretrained(..., gguf_file=...)``).
 """
 
 from __future__ import annotations
@@ -146,13 +146,14 @@ def load_gguf_native(path: str | os.PathLike, compute_dtype: torch.dtype = torch
         GGUFError: a missing, truncated or corrupt file, an unsupported architecture, or tensors that
             don't fit the architecture the metadata describes.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     path = Path(path)
     reader = open_gguf(path)
     config = config_from_metadata(reader, path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, config=config)
+        # AutoTokenizer would first rebuild the config through transformers' slow GGUF path (~10 s)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, KeyError, OSError) as err:
         raise GGUFError(f"{path}: can't build the tokenizer from its metadata ({err})") from None
     with torch.device("meta"):

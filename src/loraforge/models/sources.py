@@ -34,12 +34,18 @@ class ModelSourceError(ValueError):
     """A model source that can't be resolved; the message says what would be right."""
 
 
-def load_model(source: str = "default", dtype: str = "float32"):
-    """Load ``source`` (see module docstring) and return ``(model, tokenizer)`` with the model in eval mode."""
+def load_model(source: str = "default", dtype: str = "float32", native_gguf: bool = False):
+    """Load ``source`` (see module docstring) and return ``(model, tokenizer)`` with the model in eval mode.
+
+    ``native_gguf``: for ``default`` or a ``.gguf`` source, keep the file's quantized blocks (Q4_0, Q4_1,
+    Q8_0) bit-exactly in ``QuantLinear`` layers computing in ``dtype``, instead of dequantizing them.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch_dtype = _torch_dtype(dtype)
+    if native_gguf:
+        return _load_gguf_native(source, torch_dtype)
     if source in TINY_FAMILIES:
         return tiny_model(source).to(torch_dtype), tiny_tokenizer()
     if source == "default":
@@ -53,6 +59,17 @@ def load_model(source: str = "default", dtype: str = "float32"):
         f"model source {source!r}: no such directory or .gguf file. Use 'default' (the embedded "
         f"SmolLM2-135M-Instruct), a Hugging Face model directory, a .gguf file, or one of {sorted(TINY_FAMILIES)}."
     )
+
+
+def _load_gguf_native(source: str, dtype: torch.dtype):
+    from loraforge.models.gguf_native import load_gguf_native
+
+    path = default_gguf_path() if source == "default" else Path(source).expanduser()
+    if path.suffix != ".gguf":
+        raise ModelSourceError(f"model.quantization.type gguf keeps a GGUF file's own blocks, but model.source "
+                               f"{source!r} is not a .gguf file; use 'default' or a .gguf path, or another type")
+    model, tokenizer = load_gguf_native(path, dtype)
+    return model.eval(), tokenizer
 
 
 def default_gguf_path() -> Path:

@@ -144,6 +144,10 @@ class Q4_0Weight(GGUFBlockWeight):
     def codes(self) -> torch.Tensor:
         return unpack_nibbles(self.qs).reshape(self.shape)
 
+    def to_q4_1(self) -> Q4_1Weight:
+        """The same weights as Q4_1: ``d·(q − 8) = d·q + m`` with ``m = −8d`` (exact in fp16 and fp32)."""
+        return Q4_1Weight(d=self.d, m=(self.d.float() * -8).half(), qs=self.qs)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = unpack_nibbles(self.qs).to(torch.int8) - 8
         w = self.d.float()[..., None] * q.float()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from loraforge.quant.base import dequantize_matmul
+from loraforge.quant.gguf_blocks import BLOCK_SIZE, Q4_1Weight, pack_nibbles
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -63,6 +64,24 @@ class IntKWeight(nn.Module):
         q = self.unpacked_codes().reshape(out, -1, self.group_size).float()
         w = self.scale.float()[..., None] * q + self.min.float()[..., None]
         return w.reshape(out, in_features).to(dtype)
+
+    def to_q4_1(self) -> Q4_1Weight:
+        """The same weights as GGUF Q4_1 blocks (bits ≤ 4): d = scale, m = min, repeated over the
+        ``group_size / 32`` blocks of each group; codes below 2^bits fit a nibble unchanged.
+
+        Raises:
+            ValueError: for 8-bit codes, which don't fit in 4 bits.
+        """
+        if self.bits > 4:
+            raise ValueError(f"int{self.bits} codes don't fit Q4_1's 4 bits; only INT2/3/4 map onto Q4_1 exactly")
+        out, in_features = self.shape
+        repeat = self.group_size // BLOCK_SIZE
+        codes = self.unpacked_codes().reshape(out, in_features // BLOCK_SIZE, BLOCK_SIZE)
+        return Q4_1Weight(
+            d=self.scale.repeat_interleave(repeat, dim=1),
+            m=self.min.repeat_interleave(repeat, dim=1),
+            qs=pack_nibbles(codes),
+        )
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for ``x`` ``(..., in)``, dequantizing this one layer to ``x.dtype``."""

@@ -18,6 +18,8 @@ from torch import nn
 
 from loraforge.quant.base import QuantizedWeight, QuantLinear
 from loraforge.quant.blockwise4bit import BLOCK_SIZES, Blockwise4bitWeight
+from loraforge.quant.gguf_blocks import BLOCK_FORMATS
+from loraforge.quant.intk import IntKWeight, quantize_intk
 
 
 def _blockwise_4bit(format: str) -> Callable[[torch.Tensor, int, int, bool], QuantizedWeight]:
@@ -27,17 +29,30 @@ def _blockwise_4bit(format: str) -> Callable[[torch.Tensor, int, int, bool], Qua
     return quantize
 
 
+def _intk(weight: torch.Tensor, bits: int, group_size: int, double_quant: bool) -> QuantizedWeight:
+    return quantize_intk(weight, bits, group_size)
+
+
 QUANTIZERS: dict[str, Callable[[torch.Tensor, int, int, bool], QuantizedWeight]] = {
     "nf4": _blockwise_4bit("nf4"),
     "fp4": _blockwise_4bit("fp4"),
+    "int": _intk,
 }
 """``type`` -> ``quantize(dense_weight, bits, block_size, double_quant)``. A new format registers here, and
-its class in ``WEIGHT_CLASSES``."""
+its class in ``WEIGHT_CLASSES``. For ``int`` the block size is the group size along ``in_features``."""
 
-WEIGHT_CLASSES: dict[str, type] = {"nf4": Blockwise4bitWeight, "fp4": Blockwise4bitWeight}
+WEIGHT_CLASSES: dict[str, type] = {
+    "nf4": Blockwise4bitWeight,
+    "fp4": Blockwise4bitWeight,
+    **{f"int{bits}": IntKWeight for bits in (2, 3, 4, 8)},
+    **{cls.format: cls for cls in BLOCK_FORMATS.values()},
+}
 """Stored ``meta["format"]`` -> the class whose ``from_tensors`` rebuilds it."""
 
 FOUR_BIT_ONLY = ("nf4", "fp4")
+GROUPED_ALONG_INPUT = ("int",)
+"""Formats whose blocks (groups) run along each row's ``in_features`` rather than the flattened weight."""
+GROUP_SIZES = (32, 64, 128)
 
 COMPUTE_DTYPES = {
     "bf16": torch.bfloat16,
@@ -81,16 +96,20 @@ def quantize_model(
     targets = _linear_layers(model)
     if not targets:
         raise ValueError(f"{model.__class__.__name__} has no nn.Linear layers to quantize besides the output head")
+    along_input = type in GROUPED_ALONG_INPUT
+    blocked = (lambda layer: layer.in_features) if along_input else (lambda layer: layer.weight.numel())
     misfits = [
-        f"{name} (weight {tuple(layer.weight.shape)}, {layer.weight.numel()} elements)"
+        f"{name} (weight {tuple(layer.weight.shape)}, {blocked(layer)} {'in_features' if along_input else 'elements'})"
         for name, layer in targets
-        if layer.weight.numel() % block_size
+        if blocked(layer) % block_size
     ]
     if misfits:
-        fitting = [b for b in BLOCK_SIZES if all(layer.weight.numel() % b == 0 for _, layer in targets)]
-        divisor = max(fitting, default=None)
-        hint = f"block_size {divisor} divides every layer" if divisor else "no supported block size divides every layer"
-        raise ValueError(f"block_size {block_size} does not divide the element count of: {', '.join(misfits)}; {hint}")
+        sizes = GROUP_SIZES if along_input else BLOCK_SIZES
+        divisor = max((b for b in sizes if all(blocked(layer) % b == 0 for _, layer in targets)), default=None)
+        what = "group_size" if along_input else "block_size"
+        hint = f"{what} {divisor} divides every layer" if divisor else f"no supported {what} divides every layer"
+        raise ValueError(f"{what} {block_size} does not divide the {'in_features' if along_input else 'element count'}"
+                         f" of: {', '.join(misfits)}; {hint}")
     dtype = resolve_compute_dtype(dtype, targets[0][1].weight.device)
     names = [name for name, _ in targets]
     del targets  # hold no reference to a dense layer once it is replaced
@@ -108,8 +127,9 @@ def _check_options(bits: int, type: str, block_size: int, compute_dtype: torch.d
         problems.append(f"unknown quantization type {type!r}; supported: {', '.join(sorted(QUANTIZERS))}")
     elif type in FOUR_BIT_ONLY and bits != 4:
         problems.append(f"type {type!r} is 4-bit only, got bits={bits}; for 2-, 3- or 8-bit weights use type: int")
-    if block_size not in BLOCK_SIZES:
-        problems.append(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}")
+    sizes, what = (GROUP_SIZES, "group_size") if type in GROUPED_ALONG_INPUT else (BLOCK_SIZES, "block_size")
+    if block_size not in sizes:
+        problems.append(f"{what} must be one of {', '.join(map(str, sizes))}, got {block_size}")
     dtype = COMPUTE_DTYPES.get(compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
     if dtype not in COMPUTE_DTYPES.values():
         problems.append(f"compute_dtype must be one of bf16, fp16, fp32, got {compute_dtype!r}")

@@ -67,7 +67,7 @@ def load_checkpoint(path: Path, model: nn.Module, adapter_name: str, optimizer: 
                     scheduler) -> TrainState:
     """Restore adapter weights, optimizer, scheduler and RNG states from ``path``."""
     _, adapter_tensors = read_adapter_dir(path)
-    _load_adapter_weights(model, adapter_name, adapter_tensors, path)
+    load_adapter_weights(model, adapter_name, adapter_tensors, path)
     saved = json.loads((path / "trainer_state.json").read_text())
     optimizer.load_state_dict(_join_optimizer_state(load_file(path / "optimizer.safetensors"), saved["optimizer"]))
     scheduler.load_state_dict(saved["scheduler"])
@@ -96,7 +96,7 @@ def _prune(root: Path, keep: int | None) -> None:
         shutil.rmtree(old)
 
 
-def _load_adapter_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def load_adapter_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
     from loraforge.adapters.peft_format import PREFIX as KEY_PREFIX
 
     for module_path, layer in adapted_layers(model).items():

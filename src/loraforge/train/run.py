@@ -38,6 +38,7 @@ from loraforge.train.runlog import RunLog, peak_memory_bytes, plot_loss_curve
 from loraforge.train.schedule import lr_multiplier, warmup_steps
 
 CONFIG_FILE = "config.yaml"
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 RUN_KEYS_FREE_TO_CHANGE = {("train", "resume_from_checkpoint"), ("output", "overwrite_output_dir"),
                            ("train", "max_steps"), ("train", "epochs"), ("train", "save_steps"),
                            ("train", "eval_steps"), ("train", "logging_steps"), ("train", "save_total_limit")}
@@ -110,8 +111,15 @@ def prepare_model(config: Config, device: torch.device):
     """Load the base model, quantize it if asked, add the adapter and freeze the rest.
 
     Returns ``(model, tokenizer, spec)``."""
-    model, tokenizer = load_model(config.model.source, config.model.dtype)
-    model = _quantize_if_asked(model, config)
+    quant = config.model.quantization
+    if quant is not None and quant.type == "gguf":
+        from loraforge.quant.quantize_model import COMPUTE_DTYPES, resolve_compute_dtype
+
+        compute = resolve_compute_dtype(COMPUTE_DTYPES[quant.compute_dtype], device)
+        model, tokenizer = load_model(config.model.source, _DTYPE_NAMES[compute], native_gguf=True)
+    else:
+        model, tokenizer = load_model(config.model.source, config.model.dtype)
+        model = _quantize_if_asked(model, config)
     model.to(device)
     spec = adapter_spec(config)
     add_adapter(model, spec, config.adapter.name)
