@@ -161,3 +161,11 @@ def test_qlora_model_has_quantized_frozen_linears(toy_run):
     layers = adapted_layers(model)
     assert layers and all(isinstance(layer.base_layer, QuantLinear) for layer in layers.values())
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".adapters." not in n)
+
+
+def test_bad_data_leaves_no_half_made_run_folder(toy_run, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "hi", "output": "yo"}\n{"instruction": \n')
+    config = load_config(toy_run(data={"train_files": "bad.jsonl"}))
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        run_training(config, echo=quiet)
+    assert not Path(config.output.dir).exists()

@@ -62,7 +62,7 @@ def run_training(config: Config, echo=print) -> RunResult:
     if config.model.threads:
         torch.set_num_threads(config.model.threads)
     run_dir = Path(config.output.dir)
-    resume_from = _prepare_run_dir(config, run_dir)
+    _check_run_dir(config, run_dir)
     _seed_everything(config.train.seed)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,6 +73,7 @@ def run_training(config: Config, echo=print) -> RunResult:
 
     data = _build_data(config, tokenizer)
     echo(str(data.report))
+    resume_from = _prepare_run_dir(config, run_dir)  # only now that model and data are known to load
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     steps_per_epoch = math.ceil(math.ceil(len(data.train) / config.train.batch_size) / config.train.grad_accum)
@@ -179,11 +180,11 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_run_dir(config: Config, run_dir: Path) -> Path | None:
-    """Create or check ``run_dir``; returns the checkpoint to resume from, if any.
+def _check_run_dir(config: Config, run_dir: Path) -> Path | None:
+    """Check ``run_dir`` against the config, changing nothing; returns the checkpoint to resume from.
 
-    A folder that holds a different run (another config) is refused unless ``overwrite_output_dir``,
-    which clears it first. Resuming needs the same config, except keys that only extend or log the run.
+    A folder that holds a run is refused unless resuming it (with the same config, except keys that
+    only extend or log the run) or ``overwrite_output_dir`` is set.
     """
     saved = run_dir / CONFIG_FILE
     resume = config.train.resume_from_checkpoint
@@ -197,13 +198,21 @@ def _prepare_run_dir(config: Config, run_dir: Path) -> Path | None:
             raise TrainingError(f"train.resume_from_checkpoint={resume!r}: no checkpoint found "
                                 f"(looked in {run_dir / 'checkpoints'}); set train.save_steps to write checkpoints")
         return checkpoint
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not config.output.overwrite_output_dir:
-            raise TrainingError(f"output.dir {run_dir} already holds a run; choose another output.dir, resume it with "
-                                "train.resume_from_checkpoint=latest, or set output.overwrite_output_dir=true to replace it")
+    if run_dir.exists() and any(run_dir.iterdir()) and not config.output.overwrite_output_dir:
+        raise TrainingError(f"output.dir {run_dir} already holds a run; choose another output.dir, resume it with "
+                            "train.resume_from_checkpoint=latest, or set output.overwrite_output_dir=true to replace it")
+    return None
+
+
+def _prepare_run_dir(config: Config, run_dir: Path) -> Path | None:
+    """``_check_run_dir``, then make the folder: cleared when overwriting, with the resolved config saved."""
+    checkpoint = _check_run_dir(config, run_dir)
+    if checkpoint is not None:
+        return checkpoint
+    if run_dir.exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, saved)
+    run_dir.mkdir(parents=True)
+    save_config(config, run_dir / CONFIG_FILE)
     return None
 
 
