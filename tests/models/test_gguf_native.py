@@ -12,7 +12,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 from torch import nn
 
-from loraforge.adapters import AdapterSpec, add_adapter, delete_adapter
+from loraforge.adapters import AdapterSpec, adapted_layers, add_adapter, delete_adapter
 from loraforge.adapters.qalora import fold_into_group_min
 from loraforge.export.gguf_writer import write_gguf
 from loraforge.models import tiny_model, tiny_tokenizer
@@ -201,11 +201,10 @@ def test_llama_cpp_agrees_on_the_exported_qalora_model(default_native, tmp_path)
     quantizes activations inside its Q4_1 matmul, so bit equality is not expected)."""
     from llama_cpp import Llama
 
+    from loraforge.data.tokenize import prompt_ids
+
     path, model, tokenizer = default_native
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Name three primary colours."}], add_generation_prompt=True, tokenize=True
-    )
-    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    ids = prompt_ids(tokenizer, [{"role": "user", "content": "Name three primary colours."}], "auto")
 
     def llama_cpp_logits(gguf_path):
         llm = Llama(model_path=str(gguf_path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
@@ -223,8 +222,13 @@ def test_llama_cpp_agrees_on_the_exported_qalora_model(default_native, tmp_path)
     add_adapter(model, AdapterSpec(method="qalora", r=8, alpha=8, init="none"), "probe")
     try:
         with torch.no_grad():
+            # A fine-tune's size of change (max logit shift ~2). Unscaled random B scrambles the model
+            # (correlation 0.5 with the base), a regime where llama.cpp's 8-bit activations amplify the
+            # larger min terms and no fine-tune lives.
+            for layer in adapted_layers(model).values():
+                layer.adapters["probe"].lora_B.mul_(0.1)
             tuned_ours = model(torch.tensor([ids])).logits[0, -1]
-        assert agreement(tuned_ours, base_ours)[1] > 0.5, "the probe adapter must change the logits"
+        assert agreement(tuned_ours, base_ours)[1] > 1.0, "the probe adapter must change the logits"
         write_gguf(model, None, tmp_path / "qalora.gguf")
         corr, diff = agreement(llama_cpp_logits(tmp_path / "qalora.gguf"), tuned_ours)
     finally:
