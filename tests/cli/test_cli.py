@@ -60,3 +60,47 @@ def test_export_a_qalora_run_to_gguf_and_hf(tmp_path, capsys):
     merged, _ = load_model(str(tmp_path / "hf"))
     assert merged(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_serve_rejects_a_malformed_adapter_flag(capsys):
+    assert main(["serve", "--model", "tiny-llama", "--adapter", "no-equals-sign"]) == 2
+    assert "expected NAME=PATH" in capsys.readouterr().err
+
+
+def test_serve_answers_the_openai_client(tmp_path):
+    """`loraforge serve` in a subprocess, asked through the official openai client for the base and an adapter."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from openai import OpenAI
+
+    model = tiny_model("tiny-llama")
+    spec = AdapterSpec(r=4, init="none")
+    add_adapter(model, spec)
+    save_adapter(model, tmp_path / "a", spec)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "loraforge.cli.main", "serve", "--model", "tiny-llama",
+                             "--adapter", f"mine={tmp_path / 'a'}", "--port", str(port), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        deadline = time.time() + 60
+        while True:
+            try:
+                models = {m.id for m in client.models.list().data}
+                break
+            except Exception:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+                time.sleep(0.2)
+        assert models == {"tiny-llama", "mine"}
+        answers = [client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=6, temperature=0).choices[0].message.content
+                   for name in ("tiny-llama", "mine")]
+        assert answers[0] != answers[1], "the adapter must change the answer"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -171,7 +171,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     directory = Path(directory)
     config, tensors = read_adapter_dir(directory)
     spec = spec_from_peft_config(config, str(directory / CONFIG_NAME))
-    per_module = _group_by_module(tensors, directory / WEIGHTS_NAME, spec.method)
+    per_module = group_by_module(tensors, directory / WEIGHTS_NAME, spec.method)
     modules = dict(model.named_modules())
     for path, module_tensors in per_module.items():
         _check_shapes(path, module_tensors, modules.get(path), directory / WEIGHTS_NAME, _qalora_file_group(config, spec))
@@ -185,7 +185,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     return spec
 
 
-def _group_by_module(tensors: dict[str, torch.Tensor], source: Path, method: str) -> dict[str, dict[str, torch.Tensor]]:
+def group_by_module(tensors: dict[str, torch.Tensor], source: Path, method: str) -> dict[str, dict[str, torch.Tensor]]:
     expected = set(_suffixes(method))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from loraforge.adapters import load_adapter
+from loraforge.cli.main import CommandError
 from loraforge.adapters.peft_format import read_adapter_dir
 from loraforge.config import load_config
 from loraforge.export import export_model
@@ -22,7 +23,7 @@ def export(run: str | None, model_source: str | None, adapter: str | None, out: 
     if run is not None:
         run_dir = Path(run)
         if not (run_dir / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"--run {run}: not a training run folder ({CONFIG_FILE} is missing)")
+            raise CommandError(f"--run {run}: not a training run folder ({CONFIG_FILE} is missing)")
         config = load_config(run_dir / CONFIG_FILE, check_files=False)
         model, tokenizer, _ = prepare_model(config, torch.device("cpu"))
         adapter_dir = Path(adapter) if adapter else run_dir / "adapter"
@@ -31,7 +32,7 @@ def export(run: str | None, model_source: str | None, adapter: str | None, out: 
         source = config.model.source
     else:
         if adapter is None:
-            raise ValueError("--model needs --adapter (or use --run with a training run folder)")
+            raise CommandError("--model needs --adapter (or use --run with a training run folder)")
         model, tokenizer = load_model(model_source)
         load_adapter(model, adapter)
         source = model_source

@@ -11,6 +11,10 @@ The library raises subclasses of these (ConfigError, DataError, AdapterError, Mo
 with messages that name the place and say what would be right."""
 
 
+class CommandError(ValueError):
+    """A bad command-line argument; the message names the flag and what it should be."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -58,6 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="for hf")
     export.set_defaults(handler=_export)
 
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server: one base model, many adapters")
+    serve.add_argument("--model", default="default", help="model source (default: the embedded SmolLM2-135M)")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                       help="serve the adapter at PATH as model NAME (repeatable)")
+    serve.add_argument("--adapter-dir", help="serve every adapter folder inside DIR; also the only folder "
+                                             "/v1/load_lora_adapter may load from")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require this bearer token (default: $LORAFORGE_API_KEY, if set)")
+    serve.add_argument("--pool-gb", type=float, default=1.0,
+                       help="one memory budget for the KV cache and resident adapter weights, in GiB")
+    serve.add_argument("--max-rank", type=int, default=64, help="largest adapter rank accepted")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together per step")
+    serve.add_argument("--threads", type=int, help="torch CPU threads")
+    serve.set_defaults(handler=_serve)
+
     chat = commands.add_parser("chat", help="chat with a model (and an adapter)")
     chat.add_argument("--model", default="default", help="model source (default: the embedded SmolLM2-135M)")
     chat.add_argument("--adapter", help="adapter directory (PEFT format)")
@@ -96,6 +116,23 @@ def _export(args) -> int:
     from loraforge.cli.export import export
 
     print(export(args.run, args.model, args.adapter, args.out, args.format, args.gguf_type, args.dtype))
+    return 0
+
+
+def _serve(args) -> int:
+    from loraforge.serve.api import run_server
+
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise CommandError(f"--adapter {item!r}: expected NAME=PATH, e.g. --adapter support=runs/quickstart/adapter")
+        if name in adapters:
+            raise CommandError(f"--adapter: the name {name!r} is given twice")
+        adapters[name] = path
+    run_server(args.model, adapters, args.adapter_dir, args.host, args.port, args.api_key,
+               int(args.pool_gb * 2**30), max_rank=args.max_rank, max_num_seqs=args.max_num_seqs,
+               threads=args.threads)
     return 0
 
 

@@ -1,0 +1,564 @@
+"""OpenAI-compatible HTTP API over the engine (FastAPI + uvicorn): ``loraforge serve``.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``
+sends server-sent events ending with ``data: [DONE]``), ``POST /v1/load_lora_adapter`` and
+``/v1/unload_lora_adapter`` (named as in vLLM), ``GET /health`` and ``GET /metrics`` (Prometheus text).
+``model`` picks the base model or an adapter by name. Errors use OpenAI's JSON shape
+``{"error": {"message", "type", "param", "code"}}``. When an API key is set, every ``/v1`` route needs
+``Authorization: Bearer <key>``.
+
+Adapters loaded at run time must lie inside the adapter root (``--adapter-dir``); a path that
+leaves it, directly or through a symbolic link, is refused before anything is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraforge.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from loraforge.serve.engine import Delta, Engine, EngineConfig, Request
+from loraforge.serve.errors import EngineClosedError, RequestTooLargeError, UnknownAdapterError
+from loraforge.serve.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "LORAFORGE_API_KEY"
+"""Environment variable read for the API key when none is passed."""
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+"""OpenAI's default ``max_tokens`` for ``/v1/completions``; chat defaults to as many as fit."""
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape with HTTP status ``status``."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# request bodies -------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by completions and chat. Types are strict: ``"0.5"`` is not a temperature."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    """Extension (as in vLLM): sample among the k most likely tokens; 0 = off."""
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False
+    """Extension (as in vLLM): keep generating past the end-of-sequence token."""
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        """(field, why) for each option set that the engine doesn't implement."""
+        problems = []
+        if self.n != 1:
+            problems.append(("n", "only n=1 is supported"))
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                problems.append((name, f"{name} is not supported (send 0 or leave it out)"))
+        if self.logit_bias:
+            problems.append(("logit_bias", "logit_bias is not supported"))
+        return problems
+
+
+class CompletionBody(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        problems = super().unsupported()
+        if self.echo:
+            problems.append(("echo", "echo is not supported"))
+        if self.suffix:
+            problems.append(("suffix", "suffix (insertion) is not supported"))
+        if self.logprobs is not None:
+            problems.append(("logprobs", "logprobs are not supported"))
+        if self.best_of not in (None, 1):
+            problems.append(("best_of", "only best_of=1 is supported"))
+        return problems
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatBody(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        problems = super().unsupported()
+        if self.logprobs:
+            problems.append(("logprobs", "logprobs are not supported"))
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                problems.append((name, f"{name} (function calling) are not supported"))
+        if self.response_format and self.response_format.get("type") != "text":
+            problems.append(("response_format", "only response_format {'type': 'text'} is supported"))
+        return problems
+
+
+class LoadAdapterBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapterBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: str = Field(min_length=1)
+
+
+# the app --------------------------------------------------------------------------------------------
+
+
+def create_app(
+    engine: Engine,
+    model_name: str,
+    *,
+    adapter_root: str | os.PathLike | None = None,
+    api_key: str | None = None,
+    shutdown_timeout: float = 10.0,
+) -> FastAPI:
+    """The HTTP app serving ``engine`` as ``model_name`` (its base model) plus every registered adapter.
+
+    ``adapter_root``: the only folder ``/v1/load_lora_adapter`` may read from (None = run-time loading
+    off). ``api_key``: required as a bearer token on ``/v1`` routes when set. On shutdown, requests
+    still running after ``shutdown_timeout`` seconds end with an error.
+    """
+    root = Path(adapter_root).resolve() if adapter_root is not None else None
+    http_requests: Counter = Counter()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        engine.start()
+        yield
+        await run_in_threadpool(engine.shutdown, shutdown_timeout)
+
+    app = FastAPI(title="loraforge", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.shutdown_timeout = shutdown_timeout
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request, err: Exception):
+        log.exception("unexpected error answering a request")
+        return JSONResponse(APIError(500, f"internal error: {err}", type_="server_error").body(), status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(_request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"][1:]) or None
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors()[:5])
+        return JSONResponse(APIError(400, message or "invalid request", param=param).body(), status_code=400)
+
+    @app.middleware("http")
+    async def _count(request: HTTPRequest, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")  # the route's template, so that odd URLs can't add label values
+        http_requests[(getattr(route, "path", "unmatched"), response.status_code)] += 1
+        return response
+
+    async def check_key(request: HTTPRequest) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    def adapter_of(model: str) -> str | None:
+        if model == model_name:
+            return None
+        if model not in engine.store.adapters:
+            raise APIError(404, f"the model {model!r} does not exist; GET /v1/models lists what is served", param="model",
+                           code="model_not_found")
+        return model
+
+    v1 = [Depends(check_key)]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/v1/models", dependencies=v1)
+    async def models():
+        created = int(time.time())
+        names = await run_in_threadpool(lambda: engine.adapter_names)
+        base = {"id": model_name, "object": "model", "created": created, "owned_by": "loraforge", "root": model_name, "parent": None}
+        return {"object": "list", "data": [base] + [
+            {"id": name, "object": "model", "created": created, "owned_by": "loraforge", "root": name, "parent": model_name}
+            for name in names
+        ]}
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(body: CompletionBody):
+        adapter = adapter_of(body.model)
+        prompts = _prompts(body.prompt)
+        params = _sampling(body, body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS)
+        streams = _start(engine, [Request(p, params, adapter) for p in prompts])
+        return await _respond(body, streams, "text_completion", "cmpl")
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat_completions(body: ChatBody):
+        adapter = adapter_of(body.model)
+        if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions")
+        messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
+        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        streams = _start(engine, [Request(prompt_ids, _sampling(body, max_tokens), adapter)])
+        return await _respond(body, streams, "chat.completion", "chatcmpl")
+
+    @app.post("/v1/load_lora_adapter", dependencies=v1)
+    async def load_lora_adapter(body: LoadAdapterBody):
+        if body.lora_name == model_name:
+            raise APIError(400, f"{body.lora_name!r} is the base model's name", param="lora_name")
+        if body.lora_name in engine.store.adapters:
+            raise APIError(400, f"an adapter named {body.lora_name!r} is already loaded; unload it first", param="lora_name")
+        path = _inside_root(root, body.lora_path)
+        try:
+            await run_in_threadpool(engine.register_adapter, body.lora_name, path)
+        except (AdapterError, ValueError) as err:
+            raise APIError(400, str(err), param="lora_path") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=v1)
+    async def unload_lora_adapter(body: UnloadAdapterBody):
+        try:
+            await run_in_threadpool(engine.unregister_adapter, body.lora_name)
+        except UnknownAdapterError:
+            raise APIError(404, f"no adapter named {body.lora_name!r} is loaded", param="lora_name", code="model_not_found") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    @app.get("/metrics")
+    async def metrics():
+        stats = await run_in_threadpool(engine.stats)
+        return PlainTextResponse(_prometheus(stats, http_requests), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _prompts(prompt) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    return list(prompt)
+
+
+def _text(content) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content)
+
+
+def _sampling(body: _SamplingFields, max_tokens: int | None) -> SamplingParams:
+    problems = body.unsupported()
+    if problems:
+        raise APIError(400, "; ".join(why for _, why in problems), param=problems[0][0])
+    defaults = SamplingParams()
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    try:
+        return SamplingParams(
+            temperature=defaults.temperature if body.temperature is None else body.temperature,
+            top_p=defaults.top_p if body.top_p is None else body.top_p,
+            top_k=defaults.top_k if body.top_k is None else body.top_k,
+            max_tokens=max_tokens,
+            stop=tuple(stop),
+            seed=body.seed,
+            ignore_eos=body.ignore_eos,
+        )
+    except ValueError as err:
+        raise APIError(400, str(err)) from None
+
+
+def _start(engine: Engine, requests: list[Request]) -> list[AsyncIterator[Delta]]:
+    """Submit every request now, so that a bad one is answered with an error status, not a broken stream."""
+    try:
+        return engine.streams(requests)
+    except UnknownAdapterError as err:
+        raise APIError(404, str(err), param="model", code="model_not_found") from None
+    except RequestTooLargeError as err:
+        raise APIError(400, str(err), param="max_tokens" if "max_tokens" in str(err) else "messages", code="context_length_exceeded") from None
+    except EngineClosedError as err:
+        raise APIError(503, str(err), type_="server_error") from None
+    except ValueError as err:
+        raise APIError(400, str(err)) from None
+
+
+async def _respond(body: _SamplingFields, streams: list[AsyncIterator[Delta]], kind: str, prefix: str):
+    ident = f"{prefix}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    chat = kind == "chat.completion"
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        events = _sse(streams, ident, created, body.model, chat, usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    finals = await asyncio.gather(*(_collect(s) for s in streams))
+    choices = []
+    for index, (text, last) in enumerate(finals):
+        _raise_if_failed(last)
+        if chat:
+            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                            "finish_reason": last.finish_reason})
+        else:
+            choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": last.finish_reason})
+    return {"id": ident, "object": kind, "created": created, "model": body.model, "choices": choices,
+            "usage": _usage([last for _, last in finals])}
+
+
+async def _collect(stream: AsyncIterator[Delta]) -> tuple[str, Delta]:
+    parts, last = [], None
+    async for delta in stream:
+        parts.append(delta.text)
+        last = delta
+    return "".join(parts), last
+
+
+def _raise_if_failed(last: Delta) -> None:
+    if last.finish_reason == "abort":
+        raise APIError(503, last.error or "the request was aborted", type_="server_error")
+    if last.finish_reason == "error":
+        raise APIError(500, last.error or "the engine failed", type_="server_error")
+
+
+def _usage(lasts: list[Delta]) -> dict:
+    prompt = sum(d.num_prompt_tokens for d in lasts)
+    completion = sum(d.num_output_tokens for d in lasts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _sse(streams, ident: str, created: int, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; several prompts interleave by choice index."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(index: int, text: str | None, finish_reason: str | None, role: bool = False) -> str:
+        if chat:
+            delta = {} if text is None else {"content": text}
+            if role:
+                delta["role"] = "assistant"
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return _event({"id": ident, "object": kind, "created": created, "model": model, "choices": [choice]})
+
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream) -> None:
+        try:
+            async for delta in stream:
+                await merged.put((index, delta))
+        finally:
+            await merged.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    lasts: list[Delta] = []
+    try:
+        if chat:
+            yield chunk(0, "", None, role=True)
+        open_streams = len(streams)
+        while open_streams:
+            index, delta = await merged.get()
+            if delta is None:
+                open_streams -= 1
+                continue
+            if delta.finish_reason in ("abort", "error"):
+                yield _event(APIError(503 if delta.finish_reason == "abort" else 500, delta.error or "the request failed",
+                                      type_="server_error").body())
+                return
+            if delta.text:
+                yield chunk(index, delta.text, None)
+            if delta.finish_reason is not None:
+                lasts.append(delta)
+                yield chunk(index, None if chat else "", delta.finish_reason)
+        if include_usage:
+            yield _event({"id": ident, "object": kind, "created": created, "model": model, "choices": [], "usage": _usage(lasts)})
+        yield "data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _inside_root(root: Path | None, path: str) -> Path:
+    """``path`` (absolute, or relative to ``root``) resolved, if it and its adapter files stay inside ``root``."""
+    if root is None:
+        raise APIError(400, "loading adapters at run time is off: start the server with --adapter-dir DIR", param="lora_path")
+    resolved = (root / path).resolve()
+    inside = [resolved] + [(resolved / name).resolve() for name in (CONFIG_NAME, WEIGHTS_NAME)]
+    if not all(p == root or p.is_relative_to(root) for p in inside):
+        raise APIError(400, f"lora_path {path!r} is outside the adapter root {str(root)!r}", param="lora_path")
+    return resolved
+
+
+def _prometheus(stats, http_requests: Counter) -> str:
+    metrics = [
+        ("loraforge_requests_finished_total", "counter", "Requests finished (any reason).", stats.requests_finished),
+        ("loraforge_prompt_tokens_total", "counter", "Prompt tokens of requests submitted.", stats.prompt_tokens),
+        ("loraforge_generated_tokens_total", "counter", "Tokens generated.", stats.output_tokens),
+        ("loraforge_preemptions_total", "counter", "Sequences preempted for memory and recomputed later.", stats.preemptions),
+        ("loraforge_requests_waiting", "gauge", "Requests queued for admission (queue depth).", stats.waiting),
+        ("loraforge_requests_running", "gauge", "Requests in the running batch.", stats.running),
+        ("loraforge_adapters_registered", "gauge", "Adapters registered (host memory).", stats.registered_adapters),
+        ("loraforge_adapters_resident", "gauge", "Adapters resident in the memory pool.", stats.resident_adapters),
+        ("loraforge_pool_pages", "gauge", "Pages in the unified memory pool.", stats.pool_pages),
+        ("loraforge_pool_page_bytes", "gauge", "Bytes per pool page.", stats.page_bytes),
+        ("loraforge_pool_kv_pages", "gauge", "Pool pages holding KV-cache blocks.", stats.kv_pages),
+        ("loraforge_pool_adapter_pages", "gauge", "Pool pages holding adapter weights.", stats.adapter_pages),
+        ("loraforge_pool_free_pages", "gauge", "Free pool pages.", stats.free_pages),
+    ]
+    lines = []
+    for name, kind, help_, value in metrics:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    lines += ["# HELP loraforge_http_requests_total HTTP requests answered, by path and status.",
+              "# TYPE loraforge_http_requests_total counter"]
+    for (path, status), count in sorted(http_requests.items()):
+        lines.append(f'loraforge_http_requests_total{{path="{path}",status="{status}"}} {count}')
+    return "\n".join(lines) + "\n"
+
+
+# the server -----------------------------------------------------------------------------------------
+
+
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
+    """A uvicorn server for an app from ``create_app`` that shuts down gracefully (see ``GracefulServer``)."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """When shutdown begins, the engine gets ``shutdown_timeout`` seconds to finish what is in flight and
+        then ends the rest with an error event, so streams close cleanly before uvicorn's own deadline
+        (5 s later) would cut their connections."""
+
+        async def shutdown(self, sockets=None):
+            threading.Thread(target=app.state.engine.shutdown, args=(app.state.shutdown_timeout,), daemon=True).start()
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=int(app.state.shutdown_timeout) + 5)
+    return GracefulServer(config)
+
+
+def discover_adapters(adapter_dir: str | os.PathLike) -> dict[str, Path]:
+    """Every sub-folder of ``adapter_dir`` holding an ``adapter_config.json``, by folder name."""
+    root = Path(adapter_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--adapter-dir {root}: no such directory")
+    return {p.name: p for p in sorted(root.iterdir()) if (p / CONFIG_NAME).is_file()}
+
+
+def served_name(model_source: str) -> str:
+    """The base model's name in the API: the source string, or a path's folder / file stem."""
+    path = Path(model_source)
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.name if os.sep in model_source or path.is_dir() else model_source
+
+
+def run_server(
+    model_source: str = "default",
+    adapters: Mapping[str, str | os.PathLike] | None = None,
+    adapter_dir: str | os.PathLike | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    pool_bytes: int = EngineConfig.pool_bytes,
+    *,
+    max_rank: int = EngineConfig.max_rank,
+    max_num_seqs: int = EngineConfig.max_num_seqs,
+    model_name: str | None = None,
+    threads: int | None = None,
+    shutdown_timeout: float = 10.0,
+    log_level: str = "info",
+) -> None:
+    """Load ``model_source``, register ``adapters`` (name -> PEFT directory) and every adapter folder in
+    ``adapter_dir``, and serve the OpenAI-compatible API on ``host:port`` until interrupted.
+
+    ``api_key`` falls back to the ``LORAFORGE_API_KEY`` environment variable; no key means no auth.
+    ``adapter_dir`` is also the root that ``/v1/load_lora_adapter`` may load from. ``threads`` sets
+    torch's thread count (None: torch's default). Raises ``ValueError`` for an adapter name given twice.
+    """
+    import torch
+
+    from loraforge.models import load_model
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    found = discover_adapters(adapter_dir) if adapter_dir is not None else {}
+    both = sorted(set(found) & set(adapters or {}))
+    if both:
+        raise ValueError(f"adapter names given by --adapter and found in --adapter-dir: {both}; rename one")
+    model, tokenizer = load_model(model_source)
+    engine = Engine(model, tokenizer, adapters={**found, **(adapters or {})}, pool_bytes=pool_bytes,
+                    max_rank=max_rank, max_num_seqs=max_num_seqs)
+    name = model_name or served_name(model_source)
+    app = create_app(engine, name, adapter_root=adapter_dir, api_key=api_key, shutdown_timeout=shutdown_timeout)
+    log.info("serving %s with adapters %s on http://%s:%d", name, engine.adapter_names, host, port)
+    make_server(app, host, port, log_level).run()

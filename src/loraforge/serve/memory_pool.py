@@ -1,0 +1,57 @@
+"""One pool of fixed-size pages that holds both KV-cache blocks and resident adapter weights.
+
+This is S-LoRA's unified paging: a single budget, a single tensor. A page is sized to hold one KV
+block for all layers (``num_layers * 2 * block_size * num_kv_heads * head_dim`` elements), and an
+adapter's matrices are packed into whole pages (a matrix never straddles two pages, so any free
+pages will do and the pool never needs compaction). Freeing an adapter's pages makes them
+available to the KV cache at once, and the other way round.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PoolExhausted(RuntimeError):
+    """More pages were asked for than are free; callers check ``num_free`` first (admission control)."""
+
+
+class PagePool:
+    """``num_pages`` pages of ``page_numel`` elements each, in one ``(num_pages, page_numel)`` tensor.
+
+    The tensor is allocated once with ``torch.empty``: the OS commits memory only for pages that are
+    written, but the budget is fixed and never exceeded.
+    """
+
+    def __init__(self, num_pages: int, page_numel: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        if num_pages < 1:
+            raise ValueError(f"a memory pool needs at least one page, got {num_pages}")
+        self.num_pages = num_pages
+        self.page_numel = page_numel
+        self.storage = torch.empty(num_pages, page_numel, dtype=dtype, device=device)
+        self._free = list(range(num_pages - 1, -1, -1))
+        self._used = {"kv": 0, "adapter": 0}
+
+    @property
+    def page_bytes(self) -> int:
+        return self.page_numel * self.storage.element_size()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def used(self, kind: str) -> int:
+        """Pages currently held for ``kind`` (``"kv"`` or ``"adapter"``)."""
+        return self._used[kind]
+
+    def allocate(self, n: int, kind: str) -> list[int]:
+        """``n`` page ids for ``kind``; raises ``PoolExhausted`` rather than over-committing."""
+        if n > len(self._free):
+            raise PoolExhausted(f"asked for {n} pages, {len(self._free)} of {self.num_pages} are free")
+        pages = [self._free.pop() for _ in range(n)]
+        self._used[kind] += n
+        return pages
+
+    def release(self, pages: list[int], kind: str) -> None:
+        self._free.extend(reversed(pages))
+        self._used[kind] -= len(pages)

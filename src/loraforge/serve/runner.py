@@ -1,0 +1,195 @@
+"""Our own forward pass for Llama-family models (Llama, SmolLM, Qwen2, Mistral) over a paged KV cache.
+
+One ``forward`` runs one engine step: the packed tokens of many sequences (whole prompts being
+prefilled, and one new token for each decoding sequence) go through the layers together, with no
+padding. Only attention looks at sequences one by one: each prefill attends within itself, and all
+decodes attend, in one batched call, to their K/V gathered from the cache.
+
+Weights are read from the loaded Hugging Face module. Projections are called as modules
+(``proj(x)`` computes ``x @ W.T + b``), so a quantized linear (``loraforge.quant.QuantLinear``) works
+wherever an ``nn.Linear`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraforge.serve.adapter_store import Adapter, TargetModule
+from loraforge.serve.lora_ops import Segments, add_lora
+from loraforge.serve.paged_kv import PagedKVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+"""RoPE types whose frequencies don't depend on the sequence length, so they can be computed once."""
+
+
+@dataclass
+class StepBatch:
+    """The tokens of one engine step, packed: ``T`` tokens from several sequences.
+
+    Every token gets a KV slot (``slot_pages``/``slot_offsets``, ``(T,)``). A prefill sequence owns a
+    contiguous token range and starts at position 0. Decode tokens are listed by ``decode_rows``
+    ``(D,)``, with their block tables ``(D, max_blocks)`` and KV lengths including the new token ``(D,)``.
+    ``logit_rows`` ``(S,)`` are the tokens whose next-token logits are wanted. Tokens of one adapter are
+    contiguous runs (``segments``), ``adapters[slot]`` being the adapter of slot ``slot``.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_pages: torch.Tensor
+    slot_offsets: torch.Tensor
+    prefills: list[tuple[int, int]]
+    decode_rows: torch.Tensor
+    decode_tables: torch.Tensor
+    decode_lens: torch.Tensor
+    logit_rows: torch.Tensor
+    segments: Segments | None = None
+    adapters: list[Adapter] = field(default_factory=list)
+
+
+class UnsupportedModelError(ValueError):
+    """A model this runner can't run; the message names what it supports."""
+
+
+class ModelRunner:
+    """Llama-family forward over ``PagedKVCache``; see the module docstring.
+
+    Raises ``UnsupportedModelError`` for other architectures or for RoPE types whose frequencies vary
+    with sequence length (``dynamic``, ``longrope``).
+    """
+
+    def __init__(self, model: nn.Module):
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type {config.model_type!r} is not supported by the serving engine; "
+                f"it runs {list(SUPPORTED_MODEL_TYPES)} (SmolLM is 'llama')"
+            )
+        inner = model.model
+        rotary = inner.rotary_emb
+        if rotary.rope_type not in STATIC_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"RoPE type {rotary.rope_type!r} is not supported; the engine runs {list(STATIC_ROPE_TYPES)}"
+            )
+        self.model = model
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.max_positions = config.max_position_embeddings
+        self.vocab_size = config.vocab_size
+        self.dtype = inner.embed_tokens.weight.dtype
+        self.device = inner.embed_tokens.weight.device
+        self.inv_freq = rotary.inv_freq.float()
+        self.rope_scaling = float(rotary.attention_scaling)
+        self.embed = inner.embed_tokens
+        self.norm = inner.norm
+        self.lm_head = model.lm_head
+        self.layers = list(inner.layers)
+        self.windows = [_sliding_window(config, i) for i in range(self.num_layers)]
+        self.targets = {
+            f"model.layers.{i}.{part}.{proj}": TargetModule(i, proj, module.in_features, module.out_features)
+            for i, layer in enumerate(self.layers)
+            for part, projs in (("self_attn", ATTENTION_PROJS), ("mlp", MLP_PROJS))
+            for proj in projs
+            for module in [getattr(getattr(layer, part), proj)]
+        }
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, kv: PagedKVCache) -> torch.Tensor:
+        """Run one step, writing every token's K/V to the cache; returns float32 logits ``(S, vocab)``."""
+        h = self.embed(batch.input_ids)  # (T, hidden)
+        cos, sin = self._rope(batch.positions)
+        decode_masks: dict[int | None, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            x = _rms_norm(h, layer.input_layernorm)
+            q = self._proj(attn.q_proj, x, batch, i, "q_proj").view(-1, self.num_heads, self.head_dim)
+            k = self._proj(attn.k_proj, x, batch, i, "k_proj").view(-1, self.num_kv_heads, self.head_dim)
+            v = self._proj(attn.v_proj, x, batch, i, "v_proj").view(-1, self.num_kv_heads, self.head_dim)
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+            kv.write(i, k, v, batch.slot_pages, batch.slot_offsets)
+            window = self.windows[i]
+            if window not in decode_masks and batch.decode_rows.numel():
+                decode_masks[window] = _decode_mask(batch.decode_lens, batch.decode_tables.shape[1] * kv.block_size, window)
+            o = self._attention(i, q, k, v, batch, kv, decode_masks.get(window))
+            h = h + self._proj(attn.o_proj, o.view(-1, self.num_heads * self.head_dim), batch, i, "o_proj")
+            x = _rms_norm(h, layer.post_attention_layernorm)
+            gate = self._proj(mlp.gate_proj, x, batch, i, "gate_proj")
+            up = self._proj(mlp.up_proj, x, batch, i, "up_proj")
+            h = h + self._proj(mlp.down_proj, mlp.act_fn(gate) * up, batch, i, "down_proj")
+        last = _rms_norm(h.index_select(0, batch.logit_rows), self.norm)
+        return self.lm_head(last).float()
+
+    def _proj(self, module: nn.Module, x: torch.Tensor, batch: StepBatch, layer: int, proj: str) -> torch.Tensor:
+        y = module(x)
+        if batch.segments is not None:
+            weights = [adapter.views.get((layer, proj)) for adapter in batch.adapters]
+            if any(w is not None for w in weights):
+                add_lora(y, x, batch.segments, weights)
+        return y
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``(T, head_dim)``, computed as transformers does (float32, then cast)."""
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.rope_scaling).to(self.dtype), (emb.sin() * self.rope_scaling).to(self.dtype)
+
+    def _attention(self, layer, q, k, v, batch: StepBatch, kv: PagedKVCache, decode_mask) -> torch.Tensor:
+        """Attention output ``(T, heads, head_dim)`` for q ``(T, heads, hd)`` and this step's k, v ``(T, kv_heads, hd)``."""
+        out = torch.empty_like(q)
+        window = self.windows[layer]
+        for start, end in batch.prefills:
+            qi, ki, vi = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, L, hd)
+            n = end - start
+            if window is None or n <= window:
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
+            else:
+                pos = torch.arange(n, device=q.device)
+                mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=True)
+            out[start:end] = o[0].transpose(0, 1)
+        if batch.decode_rows.numel():
+            keys, values = kv.gather(layer, batch.decode_tables)  # (D, kv_heads, L, hd)
+            qd = q.index_select(0, batch.decode_rows)[:, :, None, :]  # (D, heads, 1, hd)
+            o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=decode_mask, enable_gqa=True)
+            out[batch.decode_rows] = o[:, :, 0]
+        return out
+
+
+def _sliding_window(config, layer: int) -> int | None:
+    """The layer's attention window, following transformers: per-layer ``layer_types`` when present."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer] == "sliding_attention" else None
+    return window
+
+
+def _decode_mask(lens: torch.Tensor, width: int, window: int | None) -> torch.Tensor:
+    """``(D, 1, 1, width)`` True where a decode token (at position ``len - 1``) may attend."""
+    keys = torch.arange(width, device=lens.device)[None, :]
+    mask = keys < lens[:, None]
+    if window is not None:
+        mask &= keys > (lens[:, None] - 1 - window)
+    return mask[:, None, None, :]
+
+
+def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """transformers' Llama RMSNorm, step for step (float32 statistics, weight applied in the input dtype)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(T, heads, hd)`` by per-token ``cos``/``sin`` ``(T, hd)`` (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

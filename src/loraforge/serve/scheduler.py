@@ -1,0 +1,225 @@
+"""Continuous batching over one memory pool: which sequences run each step, and with which pages.
+
+Every step, running sequences first get the KV page their next token needs. If the pool is full,
+idle adapters are evicted; if it is still full, the most recently admitted sequence is preempted
+(its pages freed, its tokens kept) and goes back to the front of the queue, to be recomputed later.
+Then waiting sequences are admitted in arrival order while their adapter and prompt fit. A request
+that doesn't fit may be overtaken by ones that do (their adapter is resident, or they need none),
+but only ``max_bypass`` times: after that nobody is admitted ahead of it, so running sequences
+finish, free their pages, and it gets in. No allocation ever exceeds the pool.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from loraforge.serve.adapter_store import Adapter, AdapterStore
+from loraforge.serve.lora_ops import Segments
+from loraforge.serve.paged_kv import PagedKVCache
+from loraforge.serve.runner import StepBatch
+from loraforge.serve.sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's tokens and its share of the pool."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    """Output tokens allowed, after capping to the context and the pool."""
+    adapter_name: str | None = None
+    output_ids: list[int] = field(default_factory=list)
+    adapter: Adapter | None = None
+    """Set while the sequence holds a reference on its (resident) adapter."""
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    """Tokens whose K/V are in the cache; 0 means the next step prefills all tokens."""
+    bypassed: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+@dataclass
+class Scheduled:
+    prefills: list[Sequence]
+    decodes: list[Sequence]
+    finished: list[Sequence]
+    """Sequences ended by the scheduler: alone in the pool and still out of pages (finish "length")."""
+
+
+class Scheduler:
+    def __init__(self, kv: PagedKVCache, store: AdapterStore, max_num_seqs: int, max_batch_tokens: int, max_bypass: int):
+        self.kv = kv
+        self.store = store
+        self.pool = kv.pool
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.max_bypass = max_bypass
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        """In admission order: the oldest first, the next to be preempted last."""
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Scheduled:
+        finished = self._grow_running()
+        decodes = list(self.running)
+        prefills = self._admit(budget=self.max_batch_tokens - len(decodes))
+        return Scheduled(prefills, decodes, finished)
+
+    def free(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the scheduler wherever it is and give back its pages and adapter."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+
+    def _grow_running(self) -> list[Sequence]:
+        finished = []
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            need = self.kv.blocks_for(seq.num_cached + 1) - len(seq.block_table)
+            while need > 0 and not self._take_pages(seq, need):
+                victim = self.running[-1]
+                if victim is seq and len(self.running) == 1:
+                    self.free(seq)
+                    finished.append(seq)
+                    break
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                i += 1
+        return finished
+
+    def _admit(self, budget: int) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        head = self.waiting[0] if self.waiting else None
+        head_waiting = head is not None
+        reclaimable = self.pool.num_free + self.store.evictable_pages()
+        for seq in list(self.waiting):
+            if len(self.running) >= self.max_num_seqs:
+                break
+            if seq is not head and head_waiting and head.bypassed >= self.max_bypass:
+                break
+            num_tokens = len(seq.tokens)
+            if admitted and num_tokens > budget:
+                continue
+            kv_pages = self.kv.blocks_for(num_tokens)
+            adapter_pages = self.store.pages_to_load(seq.adapter_name) if seq.adapter_name else 0
+            if kv_pages + adapter_pages > reclaimable or not self.store.make_room(kv_pages + adapter_pages, keep=seq.adapter_name):
+                continue
+            if seq.adapter_name:
+                seq.adapter = self.store.acquire(seq.adapter_name)
+            seq.block_table = self.pool.allocate(kv_pages, "kv")
+            seq.num_cached = 0
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            admitted.append(seq)
+            budget -= num_tokens
+            reclaimable = self.pool.num_free + self.store.evictable_pages()
+            if seq is head:
+                head_waiting = False
+            elif head_waiting:
+                head.bypassed += 1
+        return admitted
+
+    def _take_pages(self, seq: Sequence, n: int) -> bool:
+        if not self.store.make_room(n):
+            return False
+        seq.block_table += self.pool.allocate(n, "kv")
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.pool.release(seq.block_table, "kv")
+            seq.block_table = []
+        seq.num_cached = 0
+        if seq.adapter is not None:
+            self.store.release(seq.adapter)
+            seq.adapter = None
+
+
+def group_by_adapter(seqs: list[Sequence]) -> list[Sequence]:
+    """``seqs`` with each adapter's sequences adjacent (base-model ones first), otherwise in order.
+
+    Adjacent sequences of one adapter form one LoRA segment, so fewer, larger matmuls run.
+    """
+    rank: dict[str | None, int] = {None: -1}
+    for seq in seqs:
+        rank.setdefault(seq.adapter_name, len(rank))
+    return sorted(seqs, key=lambda seq: rank[seq.adapter_name])
+
+
+def pack_step(seqs: list[Sequence], kv: PagedKVCache) -> StepBatch:
+    """Pack one step's tokens, in ``seqs`` order: a sequence with nothing cached is prefilled whole
+    (prompt and any tokens generated before a preemption), the others decode their last token.
+
+    Each sequence's block table must already cover the tokens of this step. The logits asked for
+    are those of each sequence's last token, in ``seqs`` order.
+    """
+    ids, positions, pages, offsets, logit_rows = [], [], [], [], []
+    prefills, decode_rows, tables, lens = [], [], [], []
+    runs, adapters = [], []
+    for seq in seqs:
+        start = len(ids)
+        if seq.num_cached == 0:
+            tokens, first = seq.tokens, 0
+            prefills.append((start, start + len(tokens)))
+        else:
+            tokens, first = seq.tokens[-1:], seq.num_cached
+            decode_rows.append(start)
+            tables.append(seq.block_table)
+            lens.append(first + 1)
+        ids += tokens
+        positions += range(first, first + len(tokens))
+        p, o = kv.slots(seq.block_table, first, first + len(tokens))
+        pages += p
+        offsets += o
+        logit_rows.append(len(ids) - 1)
+        if seq.adapter is not None:
+            if adapters and adapters[-1] is seq.adapter and runs[-1][1] == start:
+                runs[-1][1] = len(ids)
+            else:
+                adapters.append(seq.adapter)
+                runs.append([start, len(ids), len(adapters) - 1])
+    width = max((len(t) for t in tables), default=0)
+    device = kv.blocks.device
+    return StepBatch(
+        input_ids=_long(ids, device),
+        positions=_long(positions, device),
+        slot_pages=_long(pages, device),
+        slot_offsets=_long(offsets, device),
+        prefills=prefills,
+        decode_rows=_long(decode_rows, device),
+        decode_tables=_long([t + [0] * (width - len(t)) for t in tables], device).view(len(tables), width),
+        decode_lens=_long(lens, device),
+        logit_rows=_long(logit_rows, device),
+        segments=Segments.from_runs([tuple(r) for r in runs], len(ids)) if runs else None,
+        adapters=adapters,
+    )
+
+
+def _long(values, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
