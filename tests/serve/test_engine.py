@@ -164,3 +164,13 @@ def test_requests_that_cannot_fit_are_refused_up_front(engine, llama, tokenizer)
         SamplingParams(temperature=-1, top_p=0)
     with pytest.raises(ValueError, match="empty"):
         engine.generate([Request("")])
+
+
+def test_stale_nan_bytes_in_the_pool_never_reach_attention(llama, tokenizer):
+    """Decode attention reads whole KV blocks and masks the tail; a recycled page full of NaN must not
+    leak through (0 * NaN = NaN), whatever the pool held before."""
+    requests = [Request(f"stale {i}", SamplingParams(temperature=0, max_tokens=6)) for i in range(3)]
+    clean = Engine(llama, tokenizer, pool_bytes=1 << 22).generate(requests)
+    dirty = Engine(llama, tokenizer, pool_bytes=1 << 22)
+    dirty.pool.storage.fill_(float("nan"))
+    assert [o.token_ids for o in dirty.generate(requests)] == [o.token_ids for o in clean]

@@ -50,6 +50,11 @@ class PagePool:
             raise PoolExhausted(f"asked for {n} pages, {len(self._free)} of {self.num_pages} are free")
         pages = [self._free.pop() for _ in range(n)]
         self._used[kind] += n
+        if kind == "kv":
+            # Attention reads whole KV blocks and masks the slots past each sequence's end; masked
+            # weights are 0, but 0 * NaN is NaN, so stale bytes (uninitialised memory, or an evicted
+            # adapter's weights) must not reach it as NaN/inf. Zeroing a block costs one page write.
+            self.storage[torch.tensor(pages, device=self.storage.device)] = 0
         return pages
 
     def release(self, pages: list[int], kind: str) -> None:
