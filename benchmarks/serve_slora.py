@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import threading
 import time
 from dataclasses import dataclass
 

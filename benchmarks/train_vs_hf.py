@@ -36,38 +36,29 @@ def load_everything(args):
     data = build_datasets(tokenizer, train_files=[DATA], eval_files=None, test_files=None, format="alpaca",
                           columns=None, val_size=0, cutoff_len=args.cutoff, train_on_prompt=False, packing=False,
                           system_prompt=None, template="auto", seed=0)
+    # loraforge's trainer walks these batches in this order (seed 0); the HF Trainer is handed the same.
     order = [i for epoch in range(100) for batch in batches(data.train, args.batch, 0, epoch) for i in batch]
     samples = [data.train[i] for i in order[: args.steps * args.batch]]
     return model, tokenizer, samples
 
 
 def worker_ours(args) -> dict:
-    from loraforge.adapters import AdapterSpec, add_adapter, mark_only_adapters_trainable
-    from loraforge.data.collate import collate
-    from loraforge.train.loss import summed_token_loss
+    """loraforge's own trainer, through the same ``run_training`` that ``loraforge train`` calls."""
+    from loraforge.config import Config
+    from loraforge.train import run_training
 
-    model, tokenizer, samples = load_everything(args)
-    add_adapter(model, AdapterSpec(**LORA))
-    mark_only_adapters_trainable(model)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    losses, tokens, seconds = [], 0, 0.0
-    for step in range(args.steps):
-        chunk = samples[step * args.batch : (step + 1) * args.batch]
-        start = time.perf_counter()
-        batch = collate(chunk, tokenizer.pad_token_id)
-        loss_sum, count = summed_token_loss(model, batch)
-        loss = loss_sum / count
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        if step >= args.warmup:
-            seconds += elapsed
-            tokens += sum(len(s.input_ids) for s in chunk)
-        losses.append(loss.item())
-    return {"losses": losses, "tokens_per_s": tokens / seconds}
+    config = Config.from_dict({
+        "model": {"source": args.model, "threads": args.threads},
+        "adapter": {**LORA},
+        "data": {"train_files": [str(DATA)], "cutoff_len": args.cutoff},
+        "train": {"seed": 0, "max_steps": args.steps, "batch_size": args.batch, "lr": args.lr,
+                  "scheduler": "constant", "max_grad_norm": 1.0, "precision": args.precision},
+        "output": {"dir": str(Path(args.tmp) / "ours"), "overwrite_output_dir": True, "tensorboard": False,
+                   "plot": False},
+    })
+    result = run_training(config, echo=lambda *_: None)
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"losses": [r["loss"] for r in records if "loss" in r], "tokens_per_s": result.summary["tokens_per_s"]}
 
 
 def worker_hf(args) -> dict:
@@ -93,17 +84,16 @@ def worker_hf(args) -> dict:
 
         def on_step_end(self, targs, state, control, **kw):
             step = state.global_step - 1
-            if step >= args.warmup:
-                self.seconds += time.perf_counter() - self.starts[step]
-                chunk = samples[step * args.batch : (step + 1) * args.batch]
-                self.tokens += sum(len(s.input_ids) for s in chunk)
+            self.seconds += time.perf_counter() - self.starts[step]
+            chunk = samples[step * args.batch : (step + 1) * args.batch]
+            self.tokens += sum(len(s.input_ids) for s in chunk)
 
     clock = Clock()
     targs = TrainingArguments(output_dir=str(Path(args.tmp) / "hf"), per_device_train_batch_size=args.batch,
                               max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
                               warmup_steps=0, weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[],
                               use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0,
-                              remove_unused_columns=False)
+                              remove_unused_columns=False, bf16=args.precision == "bf16")
     trainer = InOrder(model=model, args=targs, train_dataset=rows, callbacks=[clock],
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     trainer.train()
@@ -111,27 +101,62 @@ def worker_hf(args) -> dict:
     return {"losses": losses, "tokens_per_s": clock.tokens / clock.seconds}
 
 
+def worker_profile(args) -> dict:
+    """Where one training step's time goes: torch.profiler self CPU time by op, for our masked-head loss
+    and for the full-logits loss that HF computes, on the same model, batch and adapter."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from loraforge.adapters import AdapterSpec, add_adapter, mark_only_adapters_trainable
+    from loraforge.data.collate import collate
+    from loraforge.train.loss import summed_token_loss
+
+    model, tokenizer, samples = load_everything(args)
+    add_adapter(model, AdapterSpec(**LORA))
+    mark_only_adapters_trainable(model)
+    model.train()
+    batch = collate(samples[: args.batch], tokenizer.pad_token_id)
+
+    def ours():
+        loss_sum, count = summed_token_loss(model, batch)
+        (loss_sum / count).backward()
+
+    def full_logits():
+        model(**batch, use_cache=False).loss.backward()
+
+    out = {}
+    for name, step in (("ours", ours), ("full_logits", full_logits)):
+        step()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                step()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        out[name] = {"total_ms": total / 2e3, "top": [(e.key, e.self_cpu_time_total / 2e3) for e in events[:8]]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="default")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: autocast in both trainers (CPUs with bf16 units run it faster)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--cutoff", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--worker", choices=["ours", "hf"])
+    parser.add_argument("--worker", choices=["ours", "hf", "profile"])
     parser.add_argument("--tmp", default="/tmp/loraforge-bench")
     args = parser.parse_args()
     if args.worker:
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
-        result = worker_ours(args) if args.worker == "ours" else worker_hf(args)
+        result = {"ours": worker_ours, "hf": worker_hf, "profile": worker_profile}[args.worker](args)
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print("RESULT " + json.dumps(result))
         return
     results = {}
-    for name in ("hf", "ours"):
+    for name in ("hf", "ours", "profile"):
         out = subprocess.run([sys.executable, __file__, "--worker", name, *sys.argv[1:]], capture_output=True,
                              text=True, check=True).stdout
         results[name] = json.loads(out.split("RESULT ", 1)[1])
@@ -141,12 +166,21 @@ def main() -> None:
             ["loraforge", f"{ours['tokens_per_s']:.1f}", f"{ours['peak_rss_gb']:.2f}",
              f"{ours['tokens_per_s'] / hf['tokens_per_s']:.2f}"]]
     curve = ", ".join(f"{a:.3f}/{b:.3f}" for a, b in list(zip(ours["losses"], hf["losses"]))[:: max(1, args.steps // 8)])
+    prof = results["profile"]
+    names = list(dict.fromkeys(k for side in ("ours", "full_logits") for k, _ in prof[side]["top"]))
+    per_op = {side: dict(prof[side]["top"]) for side in ("ours", "full_logits")}
+    profile_rows = [[op, f"{per_op['ours'].get(op, 0):.0f}", f"{per_op['full_logits'].get(op, 0):.0f}"]
+                    for op in names]
+    profile_rows.append(["total (all ops)", f"{prof['ours']['total_ms']:.0f}", f"{prof['full_logits']['total_ms']:.0f}"])
     append_result(
-        f"Training throughput: loraforge vs transformers Trainer + PEFT ({args.model}, LoRA r=16 all-linear, fp32, "
+        f"Training throughput: loraforge vs transformers Trainer + PEFT ({args.model}, LoRA r=16 all-linear, "
+        f"{args.precision}, "
         f"batch {args.batch}, {args.steps} steps, {args.threads} threads, prompt-masked SFT on the quickstart data)",
         markdown_table(["trainer", "tokens/s", "peak RSS GB", "speed ratio"], rows),
         f"Loss curves (loraforge/HF, every {max(1, args.steps // 8)} steps): {curve}. "
-        f"Largest per-step difference: {max_diff:.4f}.",
+        f"Largest per-step difference: {max_diff:.4f}.\n\nWhere a forward+backward step's time goes (torch.profiler, "
+        f"self CPU ms per step, top ops of each; same batch of {args.batch}, same adapter):\n\n"
+        + markdown_table(["op", "loraforge (head at labelled positions)", "full logits (as HF/PEFT)"], profile_rows),
     )
 
 

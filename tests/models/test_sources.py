@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from loraforge.models import ModelSourceError, load_model, tiny_model
+from loraforge.models import ModelSourceError, load_model
 from loraforge.models import sources
 from loraforge.models.sources import export_hf_dir
 

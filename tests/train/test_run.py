@@ -1,7 +1,7 @@
 """The training recipe end to end on tiny-llama: files, resume, interruption and bad input."""
 
 import json
-import os
+import math
 import signal
 import subprocess
 import sys
@@ -169,3 +169,22 @@ def test_bad_data_leaves_no_half_made_run_folder(toy_run, tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2"):
         run_training(config, echo=quiet)
     assert not Path(config.output.dir).exists()
+
+
+def test_bf16_autocast_with_gradient_checkpointing_and_packing_trains(toy_run):
+    config = load_config(toy_run(train={"precision": "bf16", "gradient_checkpointing": True, "max_steps": 30},
+                                 data={"packing": True}))
+    result = run_training(config, echo=quiet)
+    losses = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert all(math.isfinite(x) for x in losses) and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_schedules_warm_up_then_decay():
+    from loraforge.train.schedule import lr_multiplier
+
+    cosine = lr_multiplier("cosine", warmup_steps=4, total_steps=14)
+    assert [round(cosine(s), 3) for s in (0, 3, 4, 9, 14)] == [0.2, 0.8, 1.0, 0.5, 0.0]
+    linear = lr_multiplier("linear", warmup_steps=0, total_steps=10)
+    assert [linear(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    assert lr_multiplier("constant", 2, 10)(7) == 1.0
