@@ -2,7 +2,7 @@
 
 Each trainer runs in its own subprocess (so peak RSS is its own), one after the other, in one
 invocation. Both see the same batches in the same order: loraforge's length-grouped order is handed
-to the HF Trainer through a sequential sampler, so the per-step losses are directly comparable (and
+to the HF Trainer as the same batches (a batch sampler), so the per-step losses are directly comparable (and
 HF gets the benefit of our padding-saving batch order; the speed ratio measures the trainers alone).
 
     python benchmarks/train_vs_hf.py [--steps 20] [--batch 8] [--threads 2]
@@ -11,6 +11,7 @@ HF gets the benefit of our padding-saving batch order; the speed ratio measures 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import subprocess
@@ -36,10 +37,11 @@ def load_everything(args):
     data = build_datasets(tokenizer, train_files=[DATA], eval_files=None, test_files=None, format="alpaca",
                           columns=None, val_size=0, cutoff_len=args.cutoff, train_on_prompt=False, packing=False,
                           system_prompt=None, template="auto", seed=0)
-    # loraforge's trainer walks these batches in this order (seed 0); the HF Trainer is handed the same.
-    order = [i for epoch in range(100) for batch in batches(data.train, args.batch, 0, epoch) for i in batch]
-    samples = [data.train[i] for i in order[: args.steps * args.batch]]
-    return model, tokenizer, samples
+    # loraforge's trainer walks these batches in this order (seed 0; an epoch's last batch may be
+    # short); the HF Trainer is handed exactly the same batches.
+    step_batches = [[data.train[i] for i in batch] for epoch in range(100)
+                    for batch in batches(data.train, args.batch, 0, epoch)][: args.steps]
+    return model, tokenizer, step_batches
 
 
 def worker_ours(args) -> dict:
@@ -63,17 +65,20 @@ def worker_ours(args) -> dict:
 
 def worker_hf(args) -> dict:
     from peft import LoraConfig, get_peft_model
-    from torch.utils.data import SequentialSampler
+    from torch.utils.data import DataLoader
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    model, tokenizer, samples = load_everything(args)
+    model, tokenizer, step_batches = load_everything(args)
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear",
                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
-    rows = [{"input_ids": s.input_ids, "labels": s.labels, "attention_mask": [1] * len(s.input_ids)} for s in samples]
+    rows = [{"input_ids": s.input_ids, "labels": s.labels, "attention_mask": [1] * len(s.input_ids)}
+            for batch in step_batches for s in batch]
+    bounds = list(itertools.accumulate([0] + [len(b) for b in step_batches]))
+    index_batches = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
 
     class InOrder(Trainer):
-        def _get_train_sampler(self, *_args, **_kwargs):
-            return SequentialSampler(self.train_dataset)
+        def get_train_dataloader(self):
+            return DataLoader(self.train_dataset, batch_sampler=index_batches, collate_fn=self.data_collator)
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -85,8 +90,7 @@ def worker_hf(args) -> dict:
         def on_step_end(self, targs, state, control, **kw):
             step = state.global_step - 1
             self.seconds += time.perf_counter() - self.starts[step]
-            chunk = samples[step * args.batch : (step + 1) * args.batch]
-            self.tokens += sum(len(s.input_ids) for s in chunk)
+            self.tokens += sum(len(s.input_ids) for s in step_batches[step])
 
     clock = Clock()
     targs = TrainingArguments(output_dir=str(Path(args.tmp) / "hf"), per_device_train_batch_size=args.batch,
@@ -110,11 +114,11 @@ def worker_profile(args) -> dict:
     from loraforge.data.collate import collate
     from loraforge.train.loss import summed_token_loss
 
-    model, tokenizer, samples = load_everything(args)
+    model, tokenizer, step_batches = load_everything(args)
     add_adapter(model, AdapterSpec(**LORA))
     mark_only_adapters_trainable(model)
     model.train()
-    batch = collate(samples[: args.batch], tokenizer.pad_token_id)
+    batch = collate(step_batches[0], tokenizer.pad_token_id)
 
     def ours():
         loss_sum, count = summed_token_loss(model, batch)

@@ -73,13 +73,9 @@ class QALoraAdapter(nn.Module):
         (base.qweight,) = self._unmerged
         self._unmerged = ()
 
-    def peft_tensors(self) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
-
-    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.lora_A.copy_(tensors["lora_A.weight"])
-            self.lora_B.copy_(tensors["lora_B.weight"])
+    # Same tensors and PEFT key names as LoRA (only lora_A's width differs).
+    peft_tensors = LoraAdapter.peft_tensors
+    load_peft_tensors = LoraAdapter.load_peft_tensors
 
 
 def group_size_of(base: nn.Module) -> int:
