@@ -135,6 +135,20 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, torc
     return config, tensors
 
 
+def load_adapter_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy PEFT-keyed ``tensors`` into the existing adapter ``name`` (a checkpoint, or a run's final adapter)."""
+    for module_path, layer in adapted_layers(model).items():
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        wanted = {suffix: tensors.get(f"{PREFIX}{module_path}.{suffix}") for suffix in adapter.peft_tensors()}
+        missing = [s for s, t in wanted.items() if t is None]
+        if missing:
+            raise AdapterFormatError(f"{source}: lacks {missing} for {module_path}; it was saved for another "
+                                     "model or adapter configuration")
+        adapter.load_peft_tensors(wanted)
+
+
 def spec_from_peft_config(config: dict, source: str = "adapter_config.json") -> AdapterSpec:
     """Our ``AdapterSpec`` for a PEFT LoRA/DoRA config."""
     peft_type = config.get("peft_type")

@@ -8,12 +8,11 @@ import torch
 
 from loraforge.adapters import load_adapter
 from loraforge.cli.main import CommandError
-from loraforge.adapters.peft_format import read_adapter_dir
+from loraforge.adapters.peft_format import load_adapter_weights, read_adapter_dir
 from loraforge.config import load_config
 from loraforge.export import export_model
 from loraforge.models import load_model
 from loraforge.models.sources import default_gguf_path
-from loraforge.train.checkpoint import load_adapter_weights
 from loraforge.train.run import CONFIG_FILE, prepare_model
 
 

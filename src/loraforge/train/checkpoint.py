@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loraforge.adapters import AdapterSpec, adapted_layers, save_adapter
-from loraforge.adapters.peft_format import read_adapter_dir
+from loraforge.adapters import AdapterSpec, save_adapter
+from loraforge.adapters.peft_format import load_adapter_weights, read_adapter_dir
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "checkpoint-"
@@ -94,20 +94,6 @@ def _prune(root: Path, keep: int | None) -> None:
         return
     for old in _checkpoints(root)[:-keep]:
         shutil.rmtree(old)
-
-
-def load_adapter_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from loraforge.adapters.peft_format import PREFIX as KEY_PREFIX
-
-    for module_path, layer in adapted_layers(model).items():
-        if name not in layer.adapters:
-            continue
-        adapter = layer.adapters[name]
-        wanted = {suffix: tensors.get(f"{KEY_PREFIX}{module_path}.{suffix}") for suffix in adapter.peft_tensors()}
-        missing = [s for s, t in wanted.items() if t is None]
-        if missing:
-            raise ValueError(f"{path}: checkpoint lacks {missing} for {module_path}; it belongs to another run")
-        adapter.load_peft_tensors(wanted)
 
 
 def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -30,6 +30,7 @@ from loraforge.config import Config, save_config
 from loraforge.data import build_datasets
 from loraforge.data.collate import batches, collate
 from loraforge.models import load_model
+from loraforge.models.sources import DTYPES
 from loraforge.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from loraforge.train.evaluate import eval_loss, exact_match
 from loraforge.train.loss import summed_token_loss
@@ -38,7 +39,6 @@ from loraforge.train.runlog import RunLog, peak_memory_bytes, plot_loss_curve
 from loraforge.train.schedule import lr_multiplier, warmup_steps
 
 CONFIG_FILE = "config.yaml"
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 RUN_KEYS_FREE_TO_CHANGE = {("train", "resume_from_checkpoint"), ("output", "overwrite_output_dir"),
                            ("train", "max_steps"), ("train", "epochs"), ("train", "save_steps"),
                            ("train", "eval_steps"), ("train", "logging_steps"), ("train", "save_total_limit")}
@@ -117,7 +117,7 @@ def prepare_model(config: Config, device: torch.device):
         from loraforge.quant.quantize_model import COMPUTE_DTYPES, resolve_compute_dtype
 
         compute = resolve_compute_dtype(COMPUTE_DTYPES[quant.compute_dtype], device)
-        model, tokenizer = load_model(config.model.source, _DTYPE_NAMES[compute], native_gguf=True)
+        model, tokenizer = load_model(config.model.source, {v: k for k, v in DTYPES.items()}[compute], native_gguf=True)
     else:
         model, tokenizer = load_model(config.model.source, config.model.dtype)
         model = _quantize_if_asked(model, config)
