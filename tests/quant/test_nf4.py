@@ -4,21 +4,16 @@ import copy
 
 import pytest
 import torch
+from references import require
 
 from loraforge.quant.base import QuantizedWeight, QuantLinear
 from loraforge.quant.blockwise4bit import FP4_CODE, NF4_CODE, Blockwise4bitWeight, dequantize_4bit, quantize_4bit
 
-bnb = pytest.importorskip("bitsandbytes")
+bnb = require("bitsandbytes")
 bnbF = bnb.functional
 
 # (rows, cols, block_size): square, odd last dimension, blocks crossing rows, large blocks.
 SHAPES = [(64, 64, 64), (96, 33, 32), (40, 192, 128), (24, 96, 256), (12, 1024, 4096)]
-
-
-@pytest.fixture(autouse=True)
-def eager_bitsandbytes(monkeypatch):
-    """bitsandbytes torch.compiles its odd-shape dequantization; eager gives the same numbers in far less time."""
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
 
 
 def reference(weight, block_size, quant_type, double_quant):

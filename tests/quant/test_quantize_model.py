@@ -1,6 +1,8 @@
 """quantize_model on a tiny Llama: what gets quantized, how close the logits stay, the accounting, bad input."""
 
+import platform
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,14 +57,29 @@ def test_bf16_without_hardware_support_falls_back_to_fp32_with_a_warning(monkeyp
     assert model.model.layers[1].mlp.down_proj.compute_dtype == torch.float32
 
 
-def test_bf16_probe_answers_for_this_cpu():
-    assert isinstance(bf16_supported(torch.device("cpu")), bool)
+def test_bf16_probe_agrees_with_the_kernels_cpu_flags():
+    """The probe against Linux's own list of CPU features: AVX512-BF16 or AMX-BF16 on x86, bf16 on ARM."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags |= set(value.split())
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    expected = bool(flags & {"avx512_bf16", "amx_bf16"}) if x86 else "bf16" in flags
+    assert bf16_supported(torch.device("cpu")) is expected, sorted(flags)
 
 
-def test_fp32_compute_does_not_warn():
+def test_fp32_compute_does_not_warn_and_computes_in_fp32():
+    model = tiny_model("tiny-llama")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        quantize_model(tiny_model("tiny-llama"), compute_dtype="fp32")
+        quantize_model(model, compute_dtype="fp32")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and {layer.compute_dtype for layer in layers} == {torch.float32}
+    layer = model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(layer(x), x @ layer.dequantize(torch.float32).T, atol=1e-5)
 
 
 def test_summary_counts_bits_bytes_and_trainable_parameters():

@@ -4,27 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from loraforge.adapters import load_adapter
 from loraforge.cli.main import CommandError
 from loraforge.adapters.peft_format import load_adapter_weights, read_adapter_dir
 from loraforge.config import load_config
 from loraforge.export import export_model
-from loraforge.models import load_model
+from loraforge.models import load_model, resolve_device
 from loraforge.models.sources import default_gguf_path
 from loraforge.train.run import CONFIG_FILE, prepare_model
 
 
 def export(run: str | None, model_source: str | None, adapter: str | None, out: str, format: str, gguf_type: str,
-           dtype: str) -> str:
-    """Returns the export report's summary."""
+           dtype: str, device: str | None = None) -> str:
+    """Merges on ``device`` (default: CUDA when visible) and returns the export report's summary."""
+    target = resolve_device(device)
     if run is not None:
         run_dir = Path(run)
         if not (run_dir / CONFIG_FILE).is_file():
             raise CommandError(f"--run {run}: not a training run folder ({CONFIG_FILE} is missing)")
         config = load_config(run_dir / CONFIG_FILE, check_files=False)
-        model, tokenizer, _ = prepare_model(config, torch.device("cpu"))
+        model, tokenizer, _ = prepare_model(config, target)
         adapter_dir = Path(adapter) if adapter else run_dir / "adapter"
         _, tensors = read_adapter_dir(adapter_dir)
         load_adapter_weights(model, config.adapter.name, tensors, adapter_dir)
@@ -34,6 +34,7 @@ def export(run: str | None, model_source: str | None, adapter: str | None, out: 
             raise CommandError("--model needs --adapter (or use --run with a training run folder)")
         model, tokenizer = load_model(model_source)
         load_adapter(model, adapter)
+        model.to(target)
         source = model_source
     metadata_from = default_gguf_path() if source == "default" and format == "gguf" else None
     report = export_model(model, tokenizer, out, format=format, gguf_type=gguf_type, dtype=dtype,

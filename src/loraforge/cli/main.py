@@ -35,6 +35,10 @@ def _is_library_error(err: BaseException) -> bool:
     return module.startswith("loraforge") or isinstance(err, (FileNotFoundError, ImportError))
 
 
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="where the model runs: cpu, cuda or cuda:N (default: cuda if visible, else cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraforge", description="Fine-tune, export and serve LoRA-family adapters.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="model size, trainable parameters and quantized storage for a config")
     info.add_argument("config", help="path to the YAML config")
     info.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_device(info)
     info.set_defaults(handler=_info)
 
     export = commands.add_parser("export", help="merge an adapter and write HF safetensors or a GGUF file")
@@ -60,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--gguf-type", default="auto", choices=["auto", "f16", "q8_0", "q4_1"],
                         help="auto: keep quantized blocks losslessly (QA-LoRA), F16 elsewhere")
     export.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="for hf")
+    _add_device(export)
     export.set_defaults(handler=_export)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server: one base model, many adapters")
@@ -76,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-rank", type=int, default=64, help="largest adapter rank accepted")
     serve.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together per step")
     serve.add_argument("--threads", type=int, help="torch CPU threads")
+    _add_device(serve)
     serve.set_defaults(handler=_serve)
 
     chat = commands.add_parser("chat", help="chat with a model (and an adapter)")
@@ -84,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", help="answer this one prompt and exit (otherwise: interactive)")
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--max-new-tokens", type=int, default=256)
+    _add_device(chat)
     chat.set_defaults(handler=_chat)
     return parser
 
@@ -98,14 +106,13 @@ def _train(args) -> int:
 
 
 def _info(args) -> int:
-    import torch
-
     from loraforge.config import load_config
+    from loraforge.models import resolve_device
     from loraforge.quant.summary import quant_summary
     from loraforge.train.run import model_summary_line, prepare_model
 
     config = load_config(args.config, args.overrides, check_files=False)
-    model, _, _ = prepare_model(config, torch.device("cpu"))
+    model, _, _ = prepare_model(config, resolve_device(args.device))
     print(model_summary_line(config, model))
     for key, value in quant_summary(model).items():
         print(f"  {key}: {value}")
@@ -115,7 +122,8 @@ def _info(args) -> int:
 def _export(args) -> int:
     from loraforge.cli.export import export
 
-    print(export(args.run, args.model, args.adapter, args.out, args.format, args.gguf_type, args.dtype))
+    print(export(args.run, args.model, args.adapter, args.out, args.format, args.gguf_type, args.dtype,
+                 args.device))
     return 0
 
 
@@ -139,7 +147,7 @@ def _serve(args) -> int:
 def _chat(args) -> int:
     from loraforge.cli.chat import chat
 
-    chat(args.model, args.adapter, args.prompt, args.system, args.max_new_tokens)
+    chat(args.model, args.adapter, args.prompt, args.system, args.max_new_tokens, args.device)
     return 0
 
 

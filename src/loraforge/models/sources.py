@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -115,8 +116,9 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         hint = f" It holds {found}: loraforge never unpickles weight files; convert them to safetensors." if found else ""
         raise ModelSourceError(f"{path}: no *.safetensors weights.{hint}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, attn_implementation="sdpa")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with _transformers_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
 
 
@@ -129,11 +131,29 @@ def _load_gguf(path: Path, dtype: torch.dtype):
             f"{path}: GGUF architecture {arch!r} is not supported; loraforge loads the Llama family "
             f"({', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="sdpa"
-    )
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with _transformers_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="sdpa"
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model.eval(), tokenizer
+
+
+@contextmanager
+def _transformers_errors(path: Path):
+    """Turn transformers' load failures (a missing package, a bad config, unreadable weights) into one
+    ``ModelSourceError`` that names the model and says what to do."""
+    try:
+        yield
+    except ImportError as err:
+        raise ModelSourceError(f"{path}: transformers needs a package that is not installed to load it ({err}); "
+                               f"install loraforge's dependencies with `bash scripts/setup.sh`") from None
+    except Exception as err:  # transformers and huggingface_hub raise many types; all mean "this model won't load"
+        hint = ("install loraforge's dependencies with `bash scripts/setup.sh`" if "is required" in str(err)
+                else "check that its config.json, tokenizer files and weights are complete and of a supported "
+                     "Llama-family model")
+        reason = " ".join(str(err).split())  # one line, however the library formatted it
+        raise ModelSourceError(f"{path}: transformers could not load it: {reason}. {hint}") from None
 
 
 def cache_root() -> Path:

@@ -25,8 +25,9 @@ NESTED_BLOCK_SIZE = 256
 
 
 @cache
-def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(signed=True)``): 256 sorted fp32 values.
+def dynamic_map(device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(signed=True)``): 256 sorted fp32 values,
+    built once per device (dequantization reads it on every call).
 
     For k = 0..6 it holds ±10**(k-6) times the 2**k midpoints of ``linspace(0.1, 1, 2**k + 1)``
     (computed in fp32), plus 0 and 1. The range is [-0.99297, 1.0]: it is not symmetric.
@@ -36,15 +37,15 @@ def dynamic_map() -> torch.Tensor:
         edges = torch.linspace(0.1, 1.0, 2**k + 1, dtype=torch.float32)
         magnitudes = 10.0 ** (k - 6) * ((edges[:-1] + edges[1:]) / 2)
         values += magnitudes.tolist() + (-magnitudes).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32)
+    return torch.tensor(sorted(values), dtype=torch.float32).to(device)
 
 
 _LUT_SIZE = 65536
 
 
 @cache
-def _nearest_code_table() -> torch.Tensor:
-    """``(65536,)`` int64: for each of 65536 evenly spaced points of [-1, 1], its dynamic-map code.
+def _nearest_code_table(device: torch.device) -> torch.Tensor:
+    """``(65536,)`` int64, on ``device``: for each of 65536 evenly spaced points of [-1, 1], its dynamic-map code.
 
     Point ``i`` is ``-1 + 2*i / 65535`` (fp32); its code is the number of map midpoints strictly below
     it, so a point exactly on a midpoint takes the lower entry.
@@ -52,7 +53,7 @@ def _nearest_code_table() -> torch.Tensor:
     code = dynamic_map()
     midpoints = 0.5 * (code[:-1] + code[1:])
     points = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / (_LUT_SIZE - 1)
-    return torch.searchsorted(midpoints, points, side="left")
+    return torch.searchsorted(midpoints, points, side="left").to(device)
 
 
 def quantize_blockwise_8bit(
@@ -82,7 +83,7 @@ def quantize_blockwise_8bit(
     inverse = (1.0 / absmax).masked_fill_(empty, 0.0)
     scaled = (padded * inverse[:, None]).clamp_(-1.0, 1.0)
     point = ((scaled + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int32)
-    codes = _nearest_code_table().to(values.device)[point].masked_fill_(empty[:, None], 0)
+    codes = _nearest_code_table(values.device)[point].masked_fill_(empty[:, None], 0)
     return codes.view(-1)[:n].to(torch.uint8), absmax
 
 
@@ -91,7 +92,7 @@ def dequantize_blockwise_8bit(
 ) -> torch.Tensor:
     """Inverse of ``quantize_blockwise_8bit``: ``(n,)`` uint8 codes -> ``(n,)`` fp32 values."""
     n = codes.numel()
-    values = dynamic_map().to(codes.device)[codes.long()]
+    values = dynamic_map(codes.device)[codes.long()]
     scale = absmax.repeat_interleave(block_size)[:n]
     return values * scale
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs the whole suite against the newest releases of every dependency (torch stays at 2.13.0, see
+# README), in a new venv, as CI would (CI=true: a missing test reference fails). When it passes it writes
+# constraints.latest.txt; `mv constraints.latest.txt constraints.txt` moves CI and the README's commands
+# forward to those versions.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+python3 -m venv "$work/venv"
+PYTHON="$work/venv/bin/python" LORAFORGE_CONSTRAINTS=none bash scripts/setup.sh test
+CI=true "$work/venv/bin/python" -m pytest -q "$@"
+"$work/venv/bin/python" -m pip freeze --exclude-editable --disable-pip-version-check \
+  | grep -v '^loraforge' > constraints.latest.txt
+echo "all tests passed on the newest releases; constraints.latest.txt lists them:"
+diff constraints.txt constraints.latest.txt || true
