@@ -4,41 +4,16 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
-from torch import nn
 
-from loraforge.adapters import AdapterSpec, add_adapter, merge_adapters
+from gguf_helpers import model_on
+
+from loraforge.adapters import merge_adapters
 from loraforge.export.gguf_writer import GGUFExportError, write_gguf
 from loraforge.export.merge import merged_quantized_weight
-from loraforge.models import tiny_model, tiny_tokenizer
+from loraforge.models import tiny_tokenizer
 from loraforge.models.gguf_native import gguf_tensor_name, load_gguf_native
 from loraforge.quant.base import QuantLinear
-from loraforge.quant.gguf_blocks import Q4_0Weight, Q8_0Weight, quantize_q4_0, quantize_q4_1, quantize_q8_0
-from loraforge.quant.intk import quantize_intk
-
-QUANTIZERS = {
-    "q4_1": quantize_q4_1,
-    "q4_0": quantize_q4_0,
-    "q8_0": quantize_q8_0,
-    "int4-g32": lambda w: quantize_intk(w, 4, 32),
-    "int2-g64": lambda w: quantize_intk(w, 2, 64),
-}
-
-
-def model_on(base: str | None, method: str | None = None, family="tiny-llama"):
-    """A tiny model with quantized linears, Q8_0-representable embeddings (so Q8_0 export is exact), and an adapter."""
-    model = tiny_model(family)
-    with torch.no_grad():
-        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
-            emb.weight.copy_(quantize_q8_0(emb.weight).dequantize())
-    head = model.get_output_embeddings()
-    if base is not None:
-        for path, module in list(model.named_modules()):
-            if isinstance(module, nn.Linear) and module is not head:
-                model.set_submodule(path, QuantLinear(QUANTIZERS[base](module.weight), module.bias, torch.float32))
-    if method is not None:
-        torch.manual_seed(0)
-        add_adapter(model, AdapterSpec(method=method, r=4, alpha=8, init="none"))
-    return model
+from loraforge.quant.gguf_blocks import Q4_0Weight, Q8_0Weight
 
 
 def logits(model, ids):

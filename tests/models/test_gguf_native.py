@@ -3,22 +3,22 @@
 The ``slow`` tests load the embedded default model (SmolLM2-135M-Instruct, Q4_1) once per module.
 """
 
-import importlib.util
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
+from gguf import GGMLQuantizationType, GGUFReader, quants
+from gguf_helpers import agreement, llama_cpp_logits, model_on
 from torch import nn
 
 from loraforge.adapters import AdapterSpec, adapted_layers, add_adapter, delete_adapter
 from loraforge.adapters.qalora import fold_into_group_min
-from loraforge.export.gguf_writer import write_gguf
-from loraforge.models import tiny_model, tiny_tokenizer
+from loraforge.export.gguf_writer import field_value, open_writer, write_gguf
+from loraforge.models import tiny_tokenizer
 from loraforge.models.gguf_native import GGUFError, gguf_tensor_name, load_gguf_native
 from loraforge.quant.base import QuantLinear
-from loraforge.quant.gguf_blocks import Q4_1Weight, quantize_q4_1
+from loraforge.quant.gguf_blocks import Q4_1Weight
 
 
 def reverse_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -30,12 +30,8 @@ def reverse_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     """A tiny Llama as a Q4_1 GGUF file."""
-    model = tiny_model("tiny-llama")
-    for path, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and module is not model.get_output_embeddings():
-            model.set_submodule(path, QuantLinear(quantize_q4_1(module.weight), None, torch.float32))
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_gguf(model, tiny_tokenizer(), path)
+    write_gguf(model_on("q4_1"), tiny_tokenizer(), path)
     return path
 
 
@@ -44,11 +40,11 @@ def rewrite(src, dst, arch=None, replace=None):
     (``replace``: name -> (numpy array, GGMLQuantizationType))."""
     reader = GGUFReader(src)
     arch = arch or reader.fields["general.architecture"].contents()
-    writer = GGUFWriter(dst, arch)
+    writer = open_writer(dst, arch)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
-        writer.add_key_value(key.replace("llama.", f"{arch}."), field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+        writer.add_key_value(key.replace("llama.", f"{arch}."), *field_value(field))
     for tensor in reader.tensors:
         data, kind = (replace or {}).get(tensor.name, (np.asarray(tensor.data), tensor.tensor_type))
         writer.add_tensor(tensor.name, data, raw_dtype=kind)
@@ -79,6 +75,16 @@ def test_other_block_types_are_dequantized_with_a_warning_naming_the_type(tiny_g
     up = model.model.layers[0].mlp.up_proj
     assert type(up) is nn.Linear
     assert np.array_equal(up.weight.detach().numpy(), quants.dequantize(q5, GGMLQuantizationType.Q5_0))
+
+
+def test_a_type_nothing_can_dequantize_is_a_clear_error(tiny_gguf, tmp_path):
+    raw = np.zeros((128, 2 * 40), np.uint8)  # ffn_up (128, 64) as two Q8_1 blocks of 40 bytes per row
+    path = rewrite(tiny_gguf, tmp_path / "q8_1.gguf", replace={"blk.0.ffn_up.weight": (raw, GGMLQuantizationType.Q8_1)})
+    with pytest.raises(GGUFError) as caught:
+        load_gguf_native(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: tensor blk.0.ffn_up.weight has type Q8_1")
+    assert "Q4_0, Q4_1, Q8_0, F32, F16, BF16" in message and "model.quantization.type" in message
 
 
 def test_unsupported_architecture_is_named(tiny_gguf, tmp_path):
@@ -190,33 +196,29 @@ def test_default_model_exports_back_byte_for_byte_and_with_qalora_folded(default
         delete_adapter(model, "probe")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None,
-    reason="llama-cpp-python is not installed (optional test extra; it builds from source in ~13 min on 2 cores)",
-)
-def test_llama_cpp_agrees_on_the_exported_qalora_model(default_native, tmp_path):
-    """llama.cpp on our exported QA-LoRA file must agree with loraforge at least as well as it agrees with
-    transformers on the original file (measured here: correlation 0.9989, max |Δ| 1.15; llama.cpp
-    quantizes activations inside its Q4_1 matmul, so bit equality is not expected)."""
-    from llama_cpp import Llama
+CORR_BOUND, MAX_DIFF_BOUND = 0.998, 1.5
+"""llama.cpp vs loraforge on the default model's last-position logits, when both hold the same blocks.
 
+llama.cpp rounds the input of each quantized matmul to 8 bits per block of 32 (Q8_1 for the Q4_1 layers,
+Q8_0 for the head): an RMS error of (max/127)/√12 ≈ 0.57% of the block's RMS when its max is 2.5× its RMS.
+121 such roundings per token (4 per layer × 30, and the head) add in quadrature to √121 · 0.57% ≈ 6.3% of
+the logits' spread, so 1 − corr ≤ ½ · 0.063² ≈ 0.002. The spread (std) of this prompt's last logits is 3.3:
+6.3% of it is 0.21, and the largest of 49152 such deviations ≈ 4.8σ ≈ 1.0, with room for tails heavier than
+Gaussian → 1.5. Measured: corr 0.9993, max |Δ| 0.74 (original file) and 0.79 (QA-LoRA export).
+"""
+
+
+@pytest.mark.slow
+def test_llama_cpp_agrees_on_the_exported_qalora_model(default_native, tmp_path):
+    """llama.cpp on the original file and on our exported QA-LoRA file agrees with loraforge on the same
+    blocks within the bounds above; a file without the adapter folded in would not."""
     from loraforge.data.tokenize import prompt_ids
 
     path, model, tokenizer = default_native
     ids = prompt_ids(tokenizer, [{"role": "user", "content": "Name three primary colours."}], "auto")
-
-    def llama_cpp_logits(gguf_path):
-        llm = Llama(model_path=str(gguf_path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
-        llm.eval(ids)
-        return torch.tensor(np.asarray(llm.scores[len(ids) - 1]), dtype=torch.float32)
-
-    def agreement(a, b):
-        return torch.corrcoef(torch.stack([a, b]))[0, 1].item(), (a - b).abs().max().item()
-
     with torch.no_grad():
         base_ours = model(torch.tensor([ids])).logits[0, -1]
-    base_corr, base_diff = agreement(llama_cpp_logits(path), base_ours)
+    base_corr, base_diff = agreement(llama_cpp_logits(path, ids)[-1], base_ours)
 
     torch.manual_seed(0)
     add_adapter(model, AdapterSpec(method="qalora", r=8, alpha=8, init="none"), "probe")
@@ -228,10 +230,11 @@ def test_llama_cpp_agrees_on_the_exported_qalora_model(default_native, tmp_path)
             for layer in adapted_layers(model).values():
                 layer.adapters["probe"].lora_B.mul_(0.1)
             tuned_ours = model(torch.tensor([ids])).logits[0, -1]
-        assert agreement(tuned_ours, base_ours)[1] > 1.0, "the probe adapter must change the logits"
         write_gguf(model, None, tmp_path / "qalora.gguf")
-        corr, diff = agreement(llama_cpp_logits(tmp_path / "qalora.gguf"), tuned_ours)
+        corr, diff = agreement(llama_cpp_logits(tmp_path / "qalora.gguf", ids)[-1], tuned_ours)
     finally:
         delete_adapter(model, "probe")
-    assert corr >= min(0.9989, base_corr) - 1e-3
-    assert diff <= max(1.15, base_diff) * 1.5
+    shift_corr, shift = agreement(tuned_ours, base_ours)
+    assert shift_corr < CORR_BOUND and shift > MAX_DIFF_BOUND, "the probe adapter must change more than the bounds"
+    assert base_corr >= CORR_BOUND and base_diff <= MAX_DIFF_BOUND, (base_corr, base_diff)
+    assert corr >= CORR_BOUND and diff <= MAX_DIFF_BOUND, (corr, diff)

@@ -142,9 +142,7 @@ def write_gguf(
 
 
 def _write(tmp: str, arch: str, config, tokenizer, source, tensors, report: GGUFExportReport) -> None:
-    from gguf import GGUFWriter
-
-    writer = GGUFWriter(tmp, arch)
+    writer = open_writer(tmp, arch)
     for key, value, vtype, sub_type in _metadata(arch, config, tokenizer, source, report):
         writer.add_key_value(key, value, vtype, sub_type)
     for name, array, raw_type in tensors:
@@ -155,6 +153,36 @@ def _write(tmp: str, arch: str, config, tokenizer, source, tensors, report: GGUF
     writer.close()
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
+
+
+def open_writer(path: str | os.PathLike, arch: str):
+    """A ``gguf.GGUFWriter`` for ``path`` that also writes empty arrays (give their item type).
+
+    GGUF allows them and a BPE tokenizer without merges needs one: llama.cpp refuses a ``gpt2``
+    vocabulary with no ``tokenizer.ggml.merges`` key, but gguf-py's writer refuses an empty array.
+    """
+    from gguf import GGUFValueType, GGUFWriter
+
+    class Writer(GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype != GGUFValueType.ARRAY or len(val) > 0:
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            head = self._pack("I", vtype) if add_vtype else b""
+            return head + self._pack("I", sub_type) + self._pack("Q", 0)
+
+    return Writer(str(path), arch)
+
+
+def field_value(field) -> tuple:
+    """``(value, GGUFValueType, item type or None)`` of a ``GGUFReader`` field, as ``add_key_value`` takes them.
+
+    An array's item type is read from the field's bytes: ``field.types`` lists none for an empty array.
+    """
+    from gguf import GGUFValueType
+
+    kind = field.types[0]
+    item_type = GGUFValueType(int(field.parts[3][0])) if kind == GGUFValueType.ARRAY else None
+    return field.contents(), kind, item_type
 
 
 # --- tensors -------------------------------------------------------------------------------------
@@ -254,7 +282,7 @@ def _encode_dense(name: str, weight: torch.Tensor, target: str, report: GGUFExpo
         target = "f16"
     if target == "f16":
         written = weight.half()
-        array, raw_type, values = written.numpy(), None, written.float()
+        array, raw_type, values = _numpy(written), None, written.float()
     else:
         blocks = QUANTIZERS[target](weight)
         (_, array, raw_type), values = _block_tensor(name, blocks), blocks.dequantize()
@@ -276,12 +304,17 @@ def _encode_dense(name: str, weight: torch.Tensor, target: str, report: GGUFExpo
 def _block_tensor(name: str, blocks: GGUFBlockWeight) -> tuple:
     from gguf import GGMLQuantizationType
 
-    return name, blocks.to_gguf_bytes().numpy(), GGMLQuantizationType[blocks.format.upper()]
+    return name, _numpy(blocks.to_gguf_bytes()), GGMLQuantizationType[blocks.format.upper()]
 
 
 def _plain_f32(name: str, tensor: torch.Tensor, report: GGUFExportReport) -> tuple:
     report.tensors.append(TensorRecord(name, "F32", tuple(tensor.shape), lossless=True))
-    return name, tensor.detach().float().numpy(), None
+    return name, _numpy(tensor.float()), None
+
+
+def _numpy(tensor: torch.Tensor):
+    """A tensor's values as a numpy array, from whichever device the model is on."""
+    return tensor.detach().cpu().numpy()
 
 
 # --- metadata ------------------------------------------------------------------------------------
@@ -295,7 +328,7 @@ def _metadata(arch: str, config, tokenizer, source, report: GGUFExportReport) ->
     if source is not None:
         for key, fld in source.fields.items():
             if key.startswith(_COPIED_PREFIXES) and key not in _NOT_COPIED:
-                items.append((key, fld.contents(), fld.types[0], fld.types[-1] if fld.types[0] == V.ARRAY else None))
+                items.append((key, *field_value(fld)))
     else:
         items.append(("general.type", "model", V.STRING, None))
         items.append(("general.name", str(getattr(config, "_name_or_path", "") or "loraforge-export"), V.STRING, None))
@@ -376,12 +409,8 @@ def _tokenizer_metadata(tokenizer, vocab_size: int) -> list[tuple]:
         ("tokenizer.ggml.pre", "default", V.STRING, None),
         ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
         ("tokenizer.ggml.token_type", [int(t) for t in types], V.ARRAY, V.INT32),
+        ("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING),
     ]
-    if merges:
-        items.append(("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING))
-    else:
-        # GGUF can't hold an empty array, and readers derive merges from scores when there are none
-        items.append(("tokenizer.ggml.scores", [-float(i) for i in range(vocab_size)], V.ARRAY, V.FLOAT32))
     for key, token_id in (
         ("bos_token_id", tokenizer.bos_token_id),
         ("eos_token_id", tokenizer.eos_token_id),

@@ -5,7 +5,7 @@ Every decoder linear becomes a ``QuantLinear`` holding the file's own bytes:
 - Q4_0, Q4_1, Q8_0: the block fields (fp16 scales, nibbles, int8 codes) exactly as stored;
 - F16, F32, BF16: a dense ``nn.Linear``;
 - any other type (Q6_K, IQ4_XS, ...): dequantized by gguf-py into a dense ``nn.Linear``, with a warning
-  that names the type.
+  that names the type; a type gguf-py can't dequantize (Q8_K, I8, ...) is a ``GGUFError``.
 
 llama.cpp stores the rows of ``attn_q`` and ``attn_k`` in its RoPE order; since a block lies inside
 one row, undoing that permutation moves whole rows of blocks and changes no byte of any block
@@ -36,6 +36,9 @@ PERMUTED_ARCHITECTURES = ("llama",)
 """Architectures whose q/k rows llama.cpp's converter permutes (Qwen2's it leaves alone)."""
 
 DENSE_TYPES = ("F32", "F16", "BF16")
+
+NATIVE_TYPES = (*(name.upper() for name in BLOCK_FORMATS), *DENSE_TYPES)
+"""GGUF tensor types loaded without dequantization: block formats kept as is, dense ones as weights."""
 
 GGUF_SOURCE_ATTR = "loraforge_gguf_path"
 """Attribute set on a natively loaded model: the GGUF it came from, whose metadata an export can copy."""
@@ -234,7 +237,7 @@ def _fill(model: nn.Module, reader, arch: str, dtype: torch.dtype, path: Path) -
         raw = torch.from_numpy(np.array(tensor.data))
         module = model.get_submodule(module_path)
         if kind == "bias":
-            biases[module_path] = _dense(raw, type_name, shape, dtype, rows)
+            biases[module_path] = _dense(raw, tensor.name, type_name, shape, dtype, rows, path)
         elif isinstance(module, nn.Linear) and module_path != "lm_head" and type_name.lower() in BLOCK_FORMATS:
             weight = BLOCK_FORMATS[type_name.lower()].from_gguf_bytes(raw, shape)
             if rows is not None:
@@ -243,7 +246,7 @@ def _fill(model: nn.Module, reader, arch: str, dtype: torch.dtype, path: Path) -
         else:
             if type_name not in DENSE_TYPES and type_name.lower() not in BLOCK_FORMATS:
                 dequantized.setdefault(type_name, []).append(tensor.name)
-            _set_dense(module, kind, _dense(raw, type_name, shape, dtype, rows), tensor.name, path)
+            _set_dense(module, kind, _dense(raw, tensor.name, type_name, shape, dtype, rows, path), tensor.name, path)
     for module_path, bias in biases.items():
         module = model.get_submodule(module_path)
         if isinstance(module, QuantLinear):
@@ -253,7 +256,7 @@ def _fill(model: nn.Module, reader, arch: str, dtype: torch.dtype, path: Path) -
     for type_name, names in dequantized.items():
         warnings.warn(
             f"{path}: {len(names)} tensor(s) of type {type_name} (e.g. {names[0]}) are not a native loraforge format; "
-            "they were dequantized to dense weights (native: Q4_0, Q4_1, Q8_0, F16, F32)",
+            f"they were dequantized to dense weights (native: {', '.join(NATIVE_TYPES)})",
             stacklevel=3,
         )
 
@@ -268,8 +271,13 @@ def _row_order(name: str, n_rows: int, config, arch: str) -> torch.Tensor | None
     return None
 
 
-def _dense(raw: torch.Tensor, type_name: str, shape: tuple[int, ...], dtype: torch.dtype, rows) -> torch.Tensor:
-    """A tensor's values as a dense ``dtype`` tensor of ``shape`` (rows already in HF order)."""
+def _dense(raw: torch.Tensor, name: str, type_name: str, shape: tuple[int, ...], dtype: torch.dtype, rows,
+           path: Path) -> torch.Tensor:
+    """Tensor ``name``'s values as a dense ``dtype`` tensor of ``shape`` (rows already in HF order).
+
+    Raises:
+        GGUFError: a type that neither loraforge nor gguf-py can turn into values.
+    """
     from gguf import GGMLQuantizationType, quants
 
     if type_name in ("F32", "F16"):
@@ -277,7 +285,16 @@ def _dense(raw: torch.Tensor, type_name: str, shape: tuple[int, ...], dtype: tor
     elif type_name.lower() in BLOCK_FORMATS:
         values = BLOCK_FORMATS[type_name.lower()].from_gguf_bytes(raw, shape).dequantize()
     else:
-        values = torch.from_numpy(quants.dequantize(raw.numpy(), GGMLQuantizationType[type_name])).reshape(shape)
+        try:
+            values = torch.from_numpy(quants.dequantize(raw.numpy(), GGMLQuantizationType[type_name])).reshape(shape)
+        except NotImplementedError:
+            raise GGUFError(
+                f"{path}: tensor {name} has type {type_name}, which loraforge can't load: it loads "
+                f"{', '.join(NATIVE_TYPES)} natively and dequantizes the other llama.cpp weight types (K-quants, "
+                f"IQ types, Q5_0, ...) with gguf-py, which can't dequantize {type_name}. Neither can transformers' "
+                "GGUF loader (used when model.quantization.type is not gguf). Convert the model to GGUF again "
+                "with a weight type such as Q8_0 or F16."
+            ) from None
     if rows is not None:
         values = values[rows]
     return values.to(dtype)
