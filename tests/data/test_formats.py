@@ -124,3 +124,14 @@ def test_system_prompt_sets_missing_system_only():
     records = [rec(instruction="Q", output="A"), rec(instruction="Q", output="A", system="own")]
     systems = [m[0] for m in messages(records, "alpaca", system_prompt="default")]
     assert systems == [{"role": "system", "content": "default"}, {"role": "system", "content": "own"}]
+
+
+def test_object_where_a_list_is_expected_names_file_and_line(tmp_path):
+    from loraforge.data.readers import read_records
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}\n'
+                    '{"conversations": {"from": "human", "value": "hi"}}\n')
+    with pytest.raises(DataError) as err:
+        to_conversations(read_records(path), "sharegpt", None, None)
+    assert str(err.value) == f"{path}:2: field 'conversations' must be a list, got dict {{'from': 'human', 'value': 'hi'}}"

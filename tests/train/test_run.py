@@ -26,19 +26,43 @@ def adapter_tensors(run_dir):
 
 
 def test_end_to_end_writes_every_artifact_and_learns(toy_run):
+    from loraforge.adapters import disable_adapters
+    from loraforge.adapters.peft_format import load_adapter_weights, read_adapter_dir
+    from loraforge.train.evaluate import eval_loss
+    from loraforge.train.run import prepare_model
+
     config = load_config(toy_run(train={"max_steps": 90, "eval_steps": 30}, data={"test_files": "test.jsonl"}))
     result = run_training(config, echo=quiet)
     run_dir = result.run_dir
-    for name in ["config.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                 "metrics.jsonl", "loss_curve.png", "summary.json"]:
-        assert (run_dir / name).is_file(), name
-    assert any((run_dir / "tensorboard").iterdir())
+    assert result.adapter_dir == run_dir / "adapter" and result.steps == 90 and not result.interrupted
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sum(p.stat().st_size for p in (run_dir / "tensorboard").iterdir()) > 0
+    saved = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["base_model_name_or_path"]) == (4, 8, "tiny-llama")
+
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) == 90 and sum(losses[-10:]) / 10 < sum(losses[:5]) / 5 - 0.2
-    assert [r["step"] for r in records if "eval_loss" in r] == [30, 60, 90]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 91))
+    assert sum(losses[-10:]) / 10 < sum(losses[:5]) / 5 - 0.2
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [30, 60, 90]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 90 and summary["tokens_per_s"] > 0 and "test_exact_match_after" in summary
+    assert summary == result.summary
+    assert summary["steps"] == 90 and summary["train_loss"] == losses[-1] and summary["tokens_per_s"] > 0
+    assert (summary["eval_loss"], summary["eval_ppl"]) == (evals[-1]["eval_loss"], evals[-1]["eval_ppl"])
+    for key in ("test_exact_match_before", "test_exact_match_after"):  # 3 test prompts
+        assert summary[key] in (0.0, 1 / 3, 2 / 3, 1.0)
+
+    # The saved adapter is the trained one: loaded into a fresh model, it gives the logged eval loss,
+    # which differs from the base model's.
+    model, tokenizer, _ = prepare_model(config, torch.device("cpu"))
+    data = run_module._build_data(config, tokenizer)
+    load_adapter_weights(model, config.adapter.name, read_adapter_dir(run_dir / "adapter")[1], run_dir / "adapter")
+    loss_with = eval_loss(model, data.eval, config.train.batch_size, tokenizer.pad_token_id, "cpu")["eval_loss"]
+    with disable_adapters(model):
+        loss_base = eval_loss(model, data.eval, config.train.batch_size, tokenizer.pad_token_id, "cpu")["eval_loss"]
+    assert loss_with == pytest.approx(summary["eval_loss"], abs=1e-5)
+    assert abs(loss_base - loss_with) > 0.05
 
 
 def test_loss_matches_hf_loss_on_labelled_positions(toy_run):
@@ -62,7 +86,7 @@ def test_refuses_a_folder_holding_another_run(toy_run):
     before = adapter_tensors(first.run_dir)
     with pytest.raises(TrainingError, match="already holds a run"):
         run_training(load_config(toy_run(train={"lr": 5e-3})), echo=quiet)
-    with pytest.raises(TrainingError, match="different settings for train.lr"):
+    with pytest.raises(TrainingError, match=r"train\.lr is 0\.03 in the run, 0\.005 in the config"):
         run_training(load_config(toy_run(train={"lr": 5e-3, "resume_from_checkpoint": "latest"})), echo=quiet)
     assert all(torch.equal(t, adapter_tensors(first.run_dir)[k]) for k, t in before.items()), "refusal must not touch"
     second = run_training(load_config(toy_run(output={"overwrite_output_dir": True}, train={"lr": 5e-3})), echo=quiet)
@@ -79,11 +103,26 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_run, monkeypatch):
         return (loss * float("nan") if len(calls) > 8 else loss), n  # step 5 (grad_accum 2) diverges
 
     monkeypatch.setattr(run_module, "summed_token_loss", poisoned)
-    config = load_config(toy_run(train={"save_steps": 2}))
-    with pytest.raises(TrainingError, match="loss is nan at step 5"):
+    config = load_config(toy_run(train={"save_steps": 2, "save_total_limit": 2}))
+    run_dir = Path(config.output.dir)
+    with pytest.raises(TrainingError, match=rf"loss is nan at step 5; stopping\. The last good checkpoint \(if any\) "
+                                            rf"is in {run_dir / 'checkpoints'}"):
         run_training(config, echo=quiet)
-    checkpoints = sorted(p.name for p in (Path(config.output.dir) / "checkpoints").iterdir())
-    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert not (run_dir / "adapter").exists() and not (run_dir / "summary.json").exists()
+    last_good = load_file(run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in last_good.values())
+    assert json.loads((run_dir / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
+
+    # The last good checkpoint is what the run resumes from, and the result is the clean run's.
+    monkeypatch.setattr(run_module, "summed_token_loss", real)
+    resumed = run_training(load_config(toy_run(train={"save_steps": 2, "resume_from_checkpoint": "latest"})),
+                           echo=quiet)
+    clean = run_training(load_config(toy_run(train={"save_steps": 2}, output={"dir": str(run_dir) + "-clean"})),
+                         echo=quiet)
+    assert resumed.steps == 8
+    final, reference = adapter_tensors(run_dir), adapter_tensors(clean.run_dir)
+    assert final.keys() == reference.keys() and all(torch.equal(t, reference[k]) for k, t in final.items())
 
 
 def _train_cli(config_path, *overrides):
@@ -164,10 +203,14 @@ def test_qlora_model_has_quantized_frozen_linears(toy_run):
 
 
 def test_bad_data_leaves_no_half_made_run_folder(toy_run, tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"instruction": "hi", "output": "yo"}\n{"instruction": \n')
+    from loraforge.data import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "yo"}\n{"instruction": \n')
     config = load_config(toy_run(data={"train_files": "bad.jsonl"}))
-    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+    with pytest.raises(DataError) as err:
         run_training(config, echo=quiet)
+    assert str(err.value) == f"{bad}:2: invalid JSON: Expecting value (column 17)"
     assert not Path(config.output.dir).exists()
 
 

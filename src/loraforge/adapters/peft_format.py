@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from loraforge.adapters.inject import add_adapter
 from loraforge.adapters.model import adapted_layers, adapter_names
 from loraforge.adapters.qalora import group_size_of
 from loraforge.adapters.spec import AdapterError, AdapterSpec
+from loraforge.utils.atomic import atomic_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -91,25 +93,43 @@ def save_adapter(
     name: str = "default",
     base_model_name_or_path: str | None = None,
 ) -> Path:
-    """Write adapter ``name`` to ``directory`` in PEFT's format; each file is written atomically."""
+    """Write adapter ``name`` to ``directory`` in PEFT's format, both files as one unit.
+
+    The files are written into a staging folder that replaces ``directory`` in one rename
+    (``loraforge.utils.atomic``), so a crash never leaves a new config beside old weights. Other
+    files already in ``directory`` (a README, tokenizer files) are carried over.
+
+    Raises:
+        AdapterError: ``directory`` is a file, or the model has no adapter ``name``.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = adapter_state_dict(model, name)
-    config = peft_config(spec, model, name, base_model_name_or_path)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    if directory.exists() and not directory.is_dir():
+        raise AdapterError(f"can't save the adapter to {directory}: it is a file; give a folder path")
+    with atomic_dir(directory) as staging:
+        if directory.is_dir():
+            shutil.copytree(directory, staging, symlinks=True, dirs_exist_ok=True, copy_function=_link_or_copy,
+                            ignore=lambda folder, _: (CONFIG_NAME, WEIGHTS_NAME) if Path(folder) == directory else ())
+        write_adapter_files(model, staging, spec, name, base_model_name_or_path)
     return directory
 
 
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
+def write_adapter_files(model: nn.Module, directory: Path, spec: AdapterSpec, name: str,
+                        base_model_name_or_path: str | None) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into the folder ``directory``, in place.
+
+    Callers that need the pair to appear as one unit write into an ``atomic_dir`` (``save_adapter``, checkpoints).
+    """
+    state = adapter_state_dict(model, name)
+    config = peft_config(spec, model, name, base_model_name_or_path)
+    save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+
+
+def _link_or_copy(source: str, destination: str) -> None:
     try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.link(source, destination)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, destination)
 
 
 def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -125,9 +145,14 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, torc
         hint = " (adapter_model.bin is there, but loraforge never unpickles weights: re-save it with safetensors)" if pickled else ""
         raise AdapterFormatError(f"{directory}: {WEIGHTS_NAME} is missing{hint}")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_bytes())
     except json.JSONDecodeError as err:
         raise AdapterFormatError(f"{config_path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise AdapterFormatError(f"{config_path}: not UTF-8 text ({err.reason}); is it truncated or corrupt?") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{config_path}: expected a JSON object of LoraConfig fields, "
+                                 f"got {type(config).__name__}")
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as err:
@@ -136,17 +161,39 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, torc
 
 
 def load_adapter_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy PEFT-keyed ``tensors`` into the existing adapter ``name`` (a checkpoint, or a run's final adapter)."""
+    """Copy PEFT-keyed ``tensors`` from the adapter folder ``source`` into the existing adapter ``name``.
+
+    For a checkpoint, or a run's final adapter. Every key and shape is checked before anything is copied.
+
+    Raises:
+        AdapterFormatError: ``tensors`` lacks a tensor of the adapter, has one it doesn't, or has a
+            shape it can't take; the message names the file and the key.
+    """
+    weights = Path(source) / WEIGHTS_NAME
+    planned, used = [], set()
     for module_path, layer in adapted_layers(model).items():
         if name not in layer.adapters:
             continue
         adapter = layer.adapters[name]
-        wanted = {suffix: tensors.get(f"{PREFIX}{module_path}.{suffix}") for suffix in adapter.peft_tensors()}
-        missing = [s for s, t in wanted.items() if t is None]
+        keys = {suffix: f"{PREFIX}{module_path}.{suffix}" for suffix in adapter.peft_tensors()}
+        missing = [key for key in keys.values() if key not in tensors]
         if missing:
-            raise AdapterFormatError(f"{source}: lacks {missing} for {module_path}; it was saved for another "
-                                     "model or adapter configuration")
-        adapter.load_peft_tensors(wanted)
+            raise AdapterFormatError(f"{weights}: lacks {missing}; it was saved for another model or adapter "
+                                     "configuration")
+        for suffix, current in adapter.peft_tensors().items():
+            found = tensors[keys[suffix]]
+            if found.shape != current.shape:
+                raise AdapterFormatError(
+                    f"{weights}: {keys[suffix]} has shape {tuple(found.shape)}, but this model's adapter needs "
+                    f"{tuple(current.shape)}; it was saved with another rank, method or base model")
+        used.update(keys.values())
+        planned.append((adapter, {suffix: tensors[key] for suffix, key in keys.items()}))
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise AdapterFormatError(f"{weights}: holds {len(extra)} tensors that adapter {name!r} of this model lacks, "
+                                 f"e.g. {extra[0]}; it was saved with other target modules or for another model")
+    for adapter, adapter_tensors in planned:
+        adapter.load_peft_tensors(adapter_tensors)
 
 
 def spec_from_peft_config(config: dict, source: str = "adapter_config.json") -> AdapterSpec:
@@ -156,31 +203,46 @@ def spec_from_peft_config(config: dict, source: str = "adapter_config.json") -> 
         raise AdapterFormatError(f"{source}: peft_type {peft_type!r} is not supported; loraforge loads LORA adapters (LoRA, DoRA, QA-LoRA)")
     if config.get("use_dora") and config.get("use_qalora"):
         raise AdapterFormatError(f"{source}: use_dora and use_qalora are both set; an adapter is one or the other")
+    r = config.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise AdapterFormatError(f"{source}: r must be a positive integer, got {r!r}")
     init = config.get("init_lora_weights", True)
     targets = config.get("target_modules") or "all-linear"
-    return AdapterSpec(
-        method="dora" if config.get("use_dora") else "qalora" if config.get("use_qalora") else "lora",
-        r=int(config["r"]),
-        alpha=float(config.get("lora_alpha", 8)),
-        dropout=float(config.get("lora_dropout") or 0.0),
-        use_rslora=bool(config.get("use_rslora", False)),
-        init="none" if init is False else "gaussian" if init == "gaussian" else "kaiming",
-        target_modules=targets if isinstance(targets, str) else list(targets),
-        layers_to_transform=_as_list(config.get("layers_to_transform")),
-        rank_pattern=dict(config.get("rank_pattern") or {}),
-        alpha_pattern=dict(config.get("alpha_pattern") or {}),
-    )
+    try:
+        return AdapterSpec(
+            method="dora" if config.get("use_dora") else "qalora" if config.get("use_qalora") else "lora",
+            r=r,
+            alpha=float(config.get("lora_alpha", 8)),
+            dropout=float(config.get("lora_dropout") or 0.0),
+            use_rslora=bool(config.get("use_rslora", False)),
+            init="none" if init is False else "gaussian" if init == "gaussian" else "kaiming",
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            layers_to_transform=_as_list(config.get("layers_to_transform")),
+            rank_pattern=dict(config.get("rank_pattern") or {}),
+            alpha_pattern=dict(config.get("alpha_pattern") or {}),
+        )
+    except (TypeError, ValueError) as err:
+        raise AdapterFormatError(f"{source}: a LoraConfig field has a wrong type or value: {err}") from None
 
 
 def _as_list(value):
     return [value] if isinstance(value, int) else value
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> AdapterSpec:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default",
+                 base_model_name_or_path: str | None = None) -> AdapterSpec:
     """Add the adapter saved in ``directory`` to ``model`` as ``name`` and load its weights.
 
     The modules come from the tensor keys, and every shape is checked before anything is changed:
     an adapter for another base model raises an error naming the first mismatching key.
+
+    ``base_model_name_or_path``, when given, is the model's source. An adapter whose config names
+    another base only gets a warning: names are not identities (a hub id, a local copy, a renamed
+    folder or a GGUF file can hold the same weights), PEFT ignores the field when loading, and an
+    adapter that truly belongs to another architecture fails the shape check.
+
+    Raises:
+        AdapterFormatError: a missing, corrupt or truncated file, or a tensor that doesn't fit the model.
     """
     directory = Path(directory)
     config, tensors = read_adapter_dir(directory)
@@ -196,7 +258,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         add_adapter(model, module_spec, name, paths=[path])
         layer = model.get_submodule(path)
         layer.adapters[name].load_peft_tensors(module_tensors)
+    if base_model_name_or_path:
+        _warn_if_other_base(config.get("base_model_name_or_path"), base_model_name_or_path, directory / CONFIG_NAME)
     return spec
+
+
+def _warn_if_other_base(trained_on, loaded_into: str, config_path: Path) -> None:
+    if not isinstance(trained_on, str) or not trained_on or trained_on == loaded_into:
+        return
+    if os.path.exists(trained_on) and os.path.exists(loaded_into) and os.path.samefile(trained_on, loaded_into):
+        return
+    warnings.warn(f"{config_path}: the adapter was trained on {trained_on!r} and is loaded into {loaded_into!r}; "
+                  "its shapes fit, but if that is another model its outputs will be wrong", stacklevel=3)
 
 
 def group_by_module(tensors: dict[str, torch.Tensor], source: Path, method: str) -> dict[str, dict[str, torch.Tensor]]:

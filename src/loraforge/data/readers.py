@@ -2,7 +2,8 @@
 
 Supported: ``.json`` (a top-level list of objects, or an object holding exactly one such list),
 ``.jsonl``, ``.csv`` (header row, every value a string) and ``.parquet``, or a folder of them
-(read in sorted name order, not recursively; other files in the folder are ignored).
+(read in sorted name order, not recursively; other files in the folder are ignored). Text files are
+UTF-8; a leading byte-order mark, as Windows tools write, is ignored.
 
 Every record carries its origin, so that later errors can point at it: ``path:line`` for JSON
 (the line where the object starts), JSON Lines and CSV (the line where the data row starts), and
@@ -12,9 +13,11 @@ Every record carries its origin, so that later errors can point at it: ``path:li
 from __future__ import annotations
 
 import bisect
+import codecs
 import csv
+import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,26 +68,27 @@ def _expand(path: Path) -> list[Path]:
 
 
 def _read_jsonl(path: Path) -> Iterator[Record]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
-            yield Record(_as_object(value, f"{path}:{line_no}"), f"{path}:{line_no}")
+    for line_no, line in enumerate(io.StringIO(_read_text(path), newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line.rstrip("\n"))  # with the newline, an error at the end reads "column 1"
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
+        yield Record(_as_object(value, f"{path}:{line_no}"), f"{path}:{line_no}")
 
 
 def _read_json(path: Path) -> Iterator[Record]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: empty file; expected a list of records, [{{...}}, {{...}}]")
     newlines = [i for i, ch in enumerate(text) if ch == "\n"]
 
     def line_of(pos: int) -> int:
         return bisect.bisect_left(newlines, pos) + 1
 
     try:
-        items = _top_level_items(text, path)
+        items = _top_level_items(text, path, line_of)
     except json.JSONDecodeError as e:
         hint = ""
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
@@ -95,13 +99,33 @@ def _read_json(path: Path) -> Iterator[Record]:
         yield Record(_as_object(value, origin), origin)
 
 
-def _top_level_items(text: str, path: Path) -> list[tuple[Any, int]]:
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8, without the byte-order mark that Windows tools write at the start.
+
+    Raises:
+        DataError: the file is not valid UTF-8 (the message gives the line and the byte offset).
+    """
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return str(memoryview(data)[bom:], "utf-8")
+    except UnicodeDecodeError as e:
+        offset = bom + e.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8: byte 0x{data[offset]:02x} at byte offset {offset} ({e.reason}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _top_level_items(text: str, path: Path, line_of: Callable[[int], int]) -> list[tuple[Any, int]]:
     """The records of a JSON document with the character offset where each starts.
 
     The document is a list of records, or an object with exactly one list-valued key.
     """
     decoder = json.JSONDecoder()
     pos = _skip_ws(text, 0)
+    expected = "expected a list of records, [{...}, {...}], or an object holding exactly one list of records"
     if text.startswith("[", pos):
         items, end = _scan_array(decoder, text, pos)
         _check_end(text, end)
@@ -109,14 +133,14 @@ def _top_level_items(text: str, path: Path) -> list[tuple[Any, int]]:
     if text.startswith("{", pos):
         lists, end = _scan_object_lists(decoder, text, pos)
         _check_end(text, end)
-        if len(lists) != 1:
-            found = f"has list-valued keys {sorted(lists)}" if lists else "has no list value"
-            raise DataError(
-                f"{path}:1: a top-level JSON object must hold exactly one list of records; this one {found}"
-            )
+        if len(lists) > 1:
+            raise DataError(f"{path}:{line_of(pos)}: {expected}; this object has list-valued keys {sorted(lists)}")
+        if not lists:
+            raise DataError(f"{path}:{line_of(pos)}: {expected}; this object holds no list (if it is a single "
+                            "record, wrap it in [ ])")
         return next(iter(lists.values()))
-    decoder.decode(text)  # raises a JSONDecodeError with a position for garbage input
-    raise DataError(f"{path}:1: expected a list of records or an object holding one, got a JSON scalar")
+    value = decoder.decode(text)  # raises a JSONDecodeError with a position for garbage input
+    raise DataError(f"{path}:{line_of(pos)}: {expected}; got a JSON {type(value).__name__}")
 
 
 def _check_end(text: str, end: int) -> None:
@@ -182,33 +206,37 @@ def _as_object(value: Any, origin: str) -> dict[str, Any]:
 
 
 def _read_csv(path: Path) -> Iterator[Record]:
-    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: drop the BOM that spreadsheets write
-        reader = csv.reader(f)
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    try:
         header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path}:1: empty CSV file, expected a header row")
-        while True:
-            start = reader.line_num + 1  # a quoted value may span lines; report where the row starts
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                raise DataError(f"{path}:{start}: malformed CSV: {e}") from None
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{path}:{start}: expected {len(header)} values (header: {header}), got {len(row)}")
-            yield Record(dict(zip(header, row)), f"{path}:{start}")
+    except csv.Error as e:
+        raise DataError(f"{path}:1: malformed CSV header: {e}") from None
+    if not header:
+        problem = "empty CSV file" if header is None else "blank first line"
+        raise DataError(f"{path}:1: {problem}; expected a header row naming the columns, e.g. instruction,output")
+    while True:
+        start = reader.line_num + 1  # a quoted value may span lines; report where the row starts
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}:{start}: malformed CSV: {e}") from None
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path}:{start}: expected {len(header)} values as in the header {header}, got {len(row)}")
+        yield Record(dict(zip(header, row)), f"{path}:{start}")
 
 
 def _read_parquet(path: Path) -> Iterator[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         rows = pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
-        raise DataError(f"{path}: cannot read Parquet file: {e}") from None
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file; is it truncated or corrupt? ({e})") from None
     for i, row in enumerate(rows):
         yield Record(row, f"{path}:row {i}")
 

@@ -7,28 +7,46 @@ A checkpoint folder ``checkpoints/checkpoint-<step>/`` holds:
   step, and the Python/NumPy RNG states;
 - ``rng.safetensors``: torch's CPU (and CUDA) generator states.
 
-The data order is a function of (seed, epoch), so the step alone says where to continue. Folders
-are written under a temporary name and renamed, so a crash never leaves a half checkpoint behind.
+The data order is a function of (seed, epoch), so the step alone says where to continue. A checkpoint
+is built in a staging folder and renamed into place (``loraforge.utils.atomic``), so a crash never
+leaves a half checkpoint behind; older checkpoints are deleted only once the new one is in place.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loraforge.adapters import AdapterSpec, save_adapter
-from loraforge.adapters.peft_format import load_adapter_weights, read_adapter_dir
+from loraforge.adapters import AdapterSpec
+from loraforge.adapters.peft_format import (
+    CONFIG_NAME,
+    load_adapter_weights,
+    peft_config,
+    read_adapter_dir,
+    spec_from_peft_config,
+    write_adapter_files,
+)
+from loraforge.utils.atomic import STAGING_INFIX, atomic_dir
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "checkpoint-"
+OPTIMIZER = "optimizer.safetensors"
+RNG = "rng.safetensors"
+TRAINER_STATE = "trainer_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that can't be resumed from: missing, corrupt, or written with other adapter settings."""
 
 
 @dataclass
@@ -39,15 +57,10 @@ class TrainState:
 
 def save_checkpoint(run_dir: Path, model: nn.Module, spec: AdapterSpec, adapter_name: str, base_model: str,
                     optimizer: torch.optim.Optimizer, scheduler, state: TrainState, keep: int | None) -> Path:
+    """Write ``checkpoints/checkpoint-<step>`` as one unit, then keep only the ``keep`` newest (all if None)."""
     root = run_dir / CHECKPOINTS
     final = root / f"{PREFIX}{state.step}"
-    staging = root / f".{PREFIX}{state.step}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_adapter(model, staging, spec, adapter_name, base_model)
     tensors, plain = _split_optimizer_state(optimizer.state_dict())
-    save_file(tensors, staging / "optimizer.safetensors")
-    save_file(_torch_rng_state(), staging / "rng.safetensors")
     trainer_state = {
         "step": state.step,
         "tokens_seen": state.tokens_seen,
@@ -56,25 +69,101 @@ def save_checkpoint(run_dir: Path, model: nn.Module, spec: AdapterSpec, adapter_
         "python_rng": _jsonable(random.getstate()),
         "numpy_rng": _jsonable(np.random.get_state()),
     }
-    (staging / "trainer_state.json").write_text(json.dumps(trainer_state))
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    _prune(root, keep)
+    with atomic_dir(final) as staging:
+        write_adapter_files(model, staging, spec, adapter_name, base_model)
+        save_file(tensors, staging / OPTIMIZER)
+        save_file(_torch_rng_state(), staging / RNG)
+        (staging / TRAINER_STATE).write_text(json.dumps(trainer_state))
+    _prune(root, keep, final)
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, adapter_name: str, optimizer: torch.optim.Optimizer,
-                    scheduler) -> TrainState:
-    """Restore adapter weights, optimizer, scheduler and RNG states from ``path``."""
-    _, adapter_tensors = read_adapter_dir(path)
+def find_checkpoint(run_dir: Path, resume: str) -> Path:
+    """The checkpoint that ``train.resume_from_checkpoint`` names: ``"latest"`` (in ``run_dir``) or a path.
+
+    Raises:
+        CheckpointError: there is no checkpoint, or the path is not a checkpoint folder.
+    """
+    if resume == "latest":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise CheckpointError(
+                f"train.resume_from_checkpoint=latest: {run_dir / CHECKPOINTS} holds no checkpoint (the run stopped "
+                "before its first save; train.save_steps sets how often it saves); start the run again with "
+                "output.overwrite_output_dir=true instead of resuming")
+        return found
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume_from_checkpoint={resume}: no such checkpoint folder; {_listing(run_dir)}")
+    if not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(f"train.resume_from_checkpoint={resume}: not a checkpoint ({TRAINER_STATE} is missing); "
+                              f"{_listing(run_dir)}")
+    return path
+
+
+def _listing(run_dir: Path) -> str:
+    found = [p.name for p in _checkpoints(run_dir / CHECKPOINTS)]
+    if not found:
+        return f"{run_dir / CHECKPOINTS} holds none"
+    return f"{run_dir / CHECKPOINTS} holds {', '.join(found)} (or use latest)"
+
+
+def load_checkpoint(path: Path, model: nn.Module, spec: AdapterSpec, adapter_name: str,
+                    optimizer: torch.optim.Optimizer, scheduler) -> TrainState:
+    """Restore adapter weights, optimizer, scheduler and RNG states from ``path``.
+
+    Every file is read and checked before anything is changed.
+
+    Raises:
+        CheckpointError: the checkpoint was written with other adapter settings (the message lists each
+            key with both values), or a file is missing, truncated or corrupt.
+        AdapterFormatError: the adapter files are missing or unreadable.
+    """
+    adapter_config, adapter_tensors = read_adapter_dir(path)
+    _check_same_adapter(path, adapter_config, spec, model, adapter_name)
+    saved = _read_trainer_state(path / TRAINER_STATE)
+    optimizer_tensors = _read_tensors(path / OPTIMIZER)
+    rng = _read_tensors(path / RNG)
     load_adapter_weights(model, adapter_name, adapter_tensors, path)
-    saved = json.loads((path / "trainer_state.json").read_text())
-    optimizer.load_state_dict(_join_optimizer_state(load_file(path / "optimizer.safetensors"), saved["optimizer"]))
+    optimizer.load_state_dict(_join_optimizer_state(optimizer_tensors, saved["optimizer"]))
     scheduler.load_state_dict(saved["scheduler"])
-    _set_torch_rng_state(load_file(path / "rng.safetensors"))
+    _set_torch_rng_state(rng)
     random.setstate(_tuples(saved["python_rng"]))
     np.random.set_state(tuple(np.array(v, dtype=np.uint32) if i == 1 else v for i, v in enumerate(saved["numpy_rng"])))
     return TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"])
+
+
+def _check_same_adapter(path: Path, saved: dict, spec: AdapterSpec, model: nn.Module, name: str) -> None:
+    """Compare through PEFT's config on both sides, so that ``all-linear`` equals the modules it expands to."""
+    then = spec_from_peft_config(saved, str(path / CONFIG_NAME))
+    now = spec_from_peft_config(peft_config(spec, model, name, None))
+    differences = [f"adapter.{f.name} is {getattr(then, f.name)!r} in the checkpoint, {getattr(spec, f.name)!r} in "
+                   "the config" for f in fields(AdapterSpec) if getattr(then, f.name) != getattr(now, f.name)]
+    if differences:
+        raise CheckpointError(f"can't resume from {path}: {'; '.join(differences)}. Resume with the settings it was "
+                              "written with, or start a new output.dir")
+
+
+def _read_trainer_state(file: Path) -> dict:
+    try:
+        saved = json.loads(file.read_bytes())
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{file}: not readable ({err}); is it truncated or corrupt? {_EARLIER}") from None
+    keys = ("step", "tokens_seen", "optimizer", "scheduler", "python_rng", "numpy_rng")
+    if not isinstance(saved, dict) or not all(key in saved for key in keys):
+        raise CheckpointError(f"{file}: not a loraforge trainer state (an object with keys {list(keys)}). {_EARLIER}")
+    return saved
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err}); is it truncated or corrupt? "
+                              f"{_EARLIER}") from None
+
+
+_EARLIER = "Resume from an earlier checkpoint: train.resume_from_checkpoint=<its folder>"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -89,11 +178,21 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def _prune(root: Path, keep: int | None) -> None:
+def _prune(root: Path, keep: int | None, newest: Path) -> None:
+    """Delete leftovers of interrupted writes, then all checkpoints but ``newest`` and the ``keep - 1`` next.
+
+    A checkpoint is renamed to a staging name before it is deleted, so a crash mid-delete never leaves
+    a partial checkpoint under a checkpoint's name.
+    """
+    for stale in root.glob(f".{PREFIX}*{STAGING_INFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
     if keep is None:
         return
-    for old in _checkpoints(root)[:-keep]:
-        shutil.rmtree(old)
+    others = [p for p in _checkpoints(root) if p != newest]
+    for old in others[: max(0, len(others) - (keep - 1))]:
+        doomed = root / f".{old.name}{STAGING_INFIX}deleted"
+        os.rename(old, doomed)
+        shutil.rmtree(doomed)
 
 
 def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -31,7 +31,7 @@ from loraforge.data import build_datasets
 from loraforge.data.collate import batches, collate
 from loraforge.models import load_model
 from loraforge.models.sources import DTYPES
-from loraforge.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from loraforge.train.checkpoint import CheckpointError, TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 from loraforge.train.evaluate import eval_loss, exact_match
 from loraforge.train.loss import summed_token_loss
 from loraforge.train.optim import build_optimizer
@@ -86,7 +86,7 @@ def run_training(config: Config, echo=print) -> RunResult:
     summary: dict = {}
     state = TrainState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, config.adapter.name, optimizer, scheduler)
+        state = load_checkpoint(resume_from, model, spec, config.adapter.name, optimizer, scheduler)
         echo(f"resumed from {resume_from} at step {state.step}")
     elif data.test:
         with disable_adapters(model):
@@ -186,22 +186,38 @@ def _check_run_dir(config: Config, run_dir: Path) -> Path | None:
     A folder that holds a run is refused unless resuming it (with the same config, except keys that
     only extend or log the run) or ``overwrite_output_dir`` is set.
     """
-    saved = run_dir / CONFIG_FILE
-    resume = config.train.resume_from_checkpoint
-    if resume is not None:
-        if not saved.exists():
-            raise TrainingError(f"train.resume_from_checkpoint is set, but {run_dir} holds no run to resume "
-                                f"({CONFIG_FILE} is missing)")
-        _check_same_run(config, saved)
-        checkpoint = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
-        if checkpoint is None or not (checkpoint / "trainer_state.json").is_file():
-            raise TrainingError(f"train.resume_from_checkpoint={resume!r}: no checkpoint found "
-                                f"(looked in {run_dir / 'checkpoints'}); set train.save_steps to write checkpoints")
-        return checkpoint
+    if config.train.resume_from_checkpoint is not None:
+        return _checkpoint_to_resume(config, run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not config.output.overwrite_output_dir:
         raise TrainingError(f"output.dir {run_dir} already holds a run; choose another output.dir, resume it with "
                             "train.resume_from_checkpoint=latest, or set output.overwrite_output_dir=true to replace it")
     return None
+
+
+def _checkpoint_to_resume(config: Config, run_dir: Path) -> Path:
+    """The checkpoint that ``train.resume_from_checkpoint`` names, in a run written with the same settings.
+
+    Raises:
+        TrainingError: ``run_dir`` holds no run, or its settings differ (each key with both values).
+        CheckpointError: there is no such checkpoint.
+    """
+    resume, saved = config.train.resume_from_checkpoint, run_dir / CONFIG_FILE
+    if not saved.exists():
+        state = "does not exist" if not run_dir.exists() else f"holds no run ({CONFIG_FILE} is missing)"
+        raise TrainingError(f"train.resume_from_checkpoint={resume}: output.dir {run_dir} {state}, so there is "
+                            "nothing to resume; set output.dir to the run's folder, or drop resume_from_checkpoint "
+                            "to start a new run")
+    try:
+        checkpoint, missing = find_checkpoint(run_dir, resume), None
+    except CheckpointError as err:
+        checkpoint, missing = None, err
+    changed = _changed_settings(config, saved, "the checkpoint" if checkpoint else "the run")
+    if changed:
+        raise TrainingError(f"can't resume from {checkpoint or run_dir}: it was written with other settings (see "
+                            f"{saved}): {'; '.join(changed)}. Resume with the same settings, or start a new output.dir")
+    if missing is not None:
+        raise missing
+    return checkpoint
 
 
 def _prepare_run_dir(config: Config, run_dir: Path) -> Path | None:
@@ -216,16 +232,14 @@ def _prepare_run_dir(config: Config, run_dir: Path) -> Path | None:
     return None
 
 
-def _check_same_run(config: Config, saved: Path) -> None:
+def _changed_settings(config: Config, saved: Path, where: str) -> list[str]:
+    """``"<key> is <saved value> in <where>, <value> in the config"`` for each changed key that may not change."""
     import yaml
 
     before = yaml.safe_load(saved.read_text())
-    now = config.to_dict()
-    changed = [f"{section}.{key}" for section, values in now.items() for key, value in values.items()
-               if (section, key) not in RUN_KEYS_FREE_TO_CHANGE and before.get(section, {}).get(key) != value]
-    if changed:
-        raise TrainingError(f"can't resume: {saved} was written by a run with different settings for "
-                            f"{', '.join(changed)}; resume with the same config or start a new output.dir")
+    return [f"{section}.{key} is {before.get(section, {}).get(key)!r} in {where}, {value!r} in the config"
+            for section, values in config.to_dict().items() for key, value in values.items()
+            if (section, key) not in RUN_KEYS_FREE_TO_CHANGE and before.get(section, {}).get(key) != value]
 
 
 class _Loop:

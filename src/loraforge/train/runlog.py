@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -36,7 +37,7 @@ class RunLog:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -62,6 +63,14 @@ class RunLog:
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / METRICS
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; infinity for a blank line or one torn by a crash mid-write, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except ValueError:
+        return math.inf
 
 
 def plot_loss_curve(run_dir: Path) -> Path | None:

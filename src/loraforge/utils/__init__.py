@@ -1,0 +1,1 @@
+"""Small low-level helpers shared by several packages."""
