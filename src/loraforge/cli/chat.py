@@ -13,7 +13,7 @@ def chat(model_source: str, adapter_dir: str | None, prompt: str | None, system:
     target = resolve_device(device)
     model, tokenizer = load_model(model_source)
     if adapter_dir:
-        load_adapter(model, adapter_dir)
+        load_adapter(model, adapter_dir, base_model_name_or_path=model_source)
     model.to(target)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
 

@@ -33,7 +33,7 @@ def export(run: str | None, model_source: str | None, adapter: str | None, out: 
         if adapter is None:
             raise CommandError("--model needs --adapter (or use --run with a training run folder)")
         model, tokenizer = load_model(model_source)
-        load_adapter(model, adapter)
+        load_adapter(model, adapter, base_model_name_or_path=model_source)
         model.to(target)
         source = model_source
     metadata_from = default_gguf_path() if source == "default" and format == "gguf" else None

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from torch import nn
 from loraforge.adapters.layer import AdaptedLinear
 from loraforge.adapters.qalora import QALoraAdapter, fold_into_group_min
 from loraforge.quant.base import QuantizedWeight, QuantLinear, dense_weight
+from loraforge.utils.atomic import atomic_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -129,10 +128,8 @@ def save_merged_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike, dtyp
     if dtype not in DTYPES:
         raise ValueError(f"export dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     state = merged_state_dict(model, DTYPES[dtype])
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_dir(out_dir) as staging:
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
@@ -140,18 +137,4 @@ def save_merged_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike, dtyp
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        replace_dir(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
-
-
-def replace_dir(staging: Path, target: Path) -> None:
-    """Move ``staging`` onto ``target``; an old ``target`` is moved aside first and deleted after."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
-        os.replace(target, old / target.name)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -16,8 +16,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from loraforge.models.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
+from loraforge.utils.atomic import atomic_dir
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -174,23 +173,16 @@ def _cached_default_dir() -> Path:
 
 
 def export_hf_dir(model: nn.Module, tokenizer, target: Path) -> None:
-    """Write ``model`` and ``tokenizer`` as a safetensors HF directory, atomically (temp dir, then rename).
+    """Write ``model`` and ``tokenizer`` as a safetensors HF directory, atomically (``utils.atomic.atomic_dir``).
 
     ``save_pretrained`` refuses GGUF-loaded models, so the weights go through safetensors directly
     (``save_model`` handles tied embeddings) and the GGUF quantization marker is dropped from the config.
     """
     from safetensors.torch import save_model
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_dir(target) as staging:
         save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
