@@ -97,9 +97,10 @@ def test_adapter_for_another_base_names_first_mismatching_key(tmp_path):
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(AdapterFormatError) as err:
         load_adapter(other, tmp_path)
-    assert str(err.value) == (  # the first key in file order
-        f"{tmp_path / 'adapter_model.safetensors'}: base_model.model.model.layers.0.mlp.down_proj.lora_A.weight has "
-        "shape (2, 128) but this model needs (2, 64); the adapter was trained for another base model")
+    assert str(err.value) == (  # the first key in model order
+        f"{tmp_path / 'adapter_model.safetensors'}: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight "
+        "has shape (2, 64), but this model's adapter needs (2, 32); it was saved with another rank, method or base "
+        "model")
     after = other.state_dict()
     assert after.keys() == before.keys(), "a failed load must leave the model untouched"
     assert all(torch.equal(after[k], before[k]) for k in before)
@@ -115,10 +116,15 @@ def test_keys_without_peft_prefix_are_refused(tmp_path):
 
 
 def test_bad_settings_and_targets():
-    with pytest.raises(AdapterError, match="adapter.r must be a positive integer"):
-        AdapterSpec(r=0)
-    with pytest.raises(AdapterError, match="adapter.alpha must be > 0"):
-        AdapterSpec(alpha=-1)
+    with pytest.raises(AdapterError, match="adapter.r: must be > 0, got 0"):
+        add_adapter(tiny_model("tiny-llama"), AdapterSpec(r=0))
+    with pytest.raises(AdapterError, match="adapter.alpha: must be > 0, got -1"):
+        add_adapter(tiny_model("tiny-llama"), AdapterSpec(alpha=-1))
+    with pytest.raises(AdapterError, match="adapter.method: 'vira' is not an adapter method; choose one of lora, "
+                                           "dora, qalora, adalora, vera; did you mean 'vera'"):
+        add_adapter(tiny_model("tiny-llama"), AdapterSpec(method="vira"))
+    with pytest.raises(AdapterError, match="adapter.init: 'pissa' is not an init of dora"):
+        add_adapter(tiny_model("tiny-llama"), AdapterSpec(method="dora", init="pissa"))
     with pytest.raises(AdapterError, match=r"\['q_prj'\] match no linear module.*q_proj"):
         add_adapter(tiny_model("tiny-llama"), AdapterSpec(target_modules=["q_prj"]))
     with pytest.raises(AdapterError, match="selects no linear module"):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.config import ADAPTER_METHODS, Config, ConfigError, QuantizationConfig, load_config, save_config
+from loraforge.adapters.registry import METHODS
+from loraforge.config import Config, ConfigError, QuantizationConfig, load_config, save_config
 
 
 def write(path: Path, text: str) -> Path:
@@ -46,7 +47,7 @@ def test_defaults(project):
     assert (config.data.format, config.data.cutoff_len, config.data.template) == ("alpaca", 1024, "auto")
     assert (config.train.lr, config.train.epochs, config.train.max_steps) == (2e-4, 1.0, None)
     assert config.output.dir == str(project / "cwd" / "runs" / "default")
-    assert ADAPTER_METHODS == ("lora", "dora", "qalora")
+    assert list(METHODS) == ["lora", "dora", "qalora", "adalora", "vera"]
 
 
 def test_every_field_has_help():
@@ -188,8 +189,8 @@ def test_wrong_types(project):
 
 def test_bad_choice_lists_allowed_values(project):
     message = error_of(config_file(project, "adapter:\n  method: lorra\n"))
-    assert message.endswith("config.yaml:4: adapter.method: expected one of lora, dora, qalora, got 'lorra'; "
-                            "did you mean 'lora'?")
+    assert message.endswith("config.yaml:4: adapter.method: 'lorra' is not an adapter method; choose one of lora, "
+                            "dora, qalora, adalora, vera; did you mean 'lora'?")
 
 
 def test_bounds(project):

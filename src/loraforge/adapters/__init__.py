@@ -1,6 +1,6 @@
 """Adapters (LoRA, DoRA, ...) on one shared layer interface, and PEFT-format files."""
 
-from loraforge.adapters.inject import METHODS, add_adapter, linear_modules, select_targets
+from loraforge.adapters.inject import add_adapter, linear_modules, select_targets
 from loraforge.adapters.layer import BASE, AdaptedLinear
 from loraforge.adapters.model import (
     adapted_layers,
@@ -14,6 +14,7 @@ from loraforge.adapters.model import (
     set_active_adapters,
     unmerge_adapters,
 )
+from loraforge.adapters.registry import METHODS
 from loraforge.adapters.peft_format import (
     AdapterFormatError,
     adapter_state_dict,

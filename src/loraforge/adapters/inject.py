@@ -6,15 +6,10 @@ import re
 
 from torch import nn
 
-from loraforge.adapters.dora import DoraAdapter
 from loraforge.adapters.layer import AdaptedLinear
-from loraforge.adapters.lora import LoraAdapter
-from loraforge.adapters.qalora import QALoraAdapter
-from loraforge.adapters.spec import AdapterError, AdapterSpec
+from loraforge.adapters.registry import method
+from loraforge.adapters.spec import AdapterError, AdapterSpec, check_spec
 from loraforge.quant.base import QuantLinear
-
-METHODS: dict[str, type[nn.Module]] = {"lora": LoraAdapter, "dora": DoraAdapter, "qalora": QALoraAdapter}
-"""Adapter method name -> class; each class is built as ``cls(base, r, scaling, dropout, init)``."""
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -59,20 +54,32 @@ def select_targets(model: nn.Module, spec: AdapterSpec) -> list[str]:
     return chosen
 
 
-def add_adapter(model: nn.Module, spec: AdapterSpec, name: str = "default", paths: list[str] | None = None) -> list[str]:
+def add_adapter(model: nn.Module, spec: AdapterSpec, name: str = "default", paths: list[str] | None = None,
+                ranks: dict[str, tuple[int, float]] | None = None, saved_shared: dict | None = None) -> list[str]:
     """Wrap the target linears (``paths``, or those ``spec`` selects) with a new adapter ``name``.
 
-    The adapter becomes active. Returns the module paths it was added to.
+    The adapter becomes active. ``ranks`` overrides ``(r, alpha)`` per path (an adapter file's own);
+    ``saved_shared`` holds the file's model-level tensors for a method that shares some (VeRA).
+    Returns the module paths it was added to.
+
+    Raises:
+        AdapterError: an invalid ``spec`` (every problem, each naming its ``adapter.<key>``), targets that
+            match nothing, or a module that already has an adapter ``name``.
     """
-    if spec.method not in METHODS:
-        raise AdapterError(f"adapter.method {spec.method!r} is not supported; choose one of {sorted(METHODS)}")
+    check_spec(spec)
+    entry = method(spec.method)
     paths = select_targets(model, spec) if paths is None else paths
+    taken = [path for path in paths if isinstance(model.get_submodule(path), AdaptedLinear)
+             and name in model.get_submodule(path).adapters]
+    if taken:
+        raise AdapterError(f"module {taken[0]} already has an adapter named {name!r}; pick another name")
+    shared = entry.shared.build(model, name, paths, spec, saved_shared) if entry.shared else None
     for path in paths:
         layer = _wrap(model, path)
-        if name in layer.adapters:
-            raise AdapterError(f"module {path} already has an adapter named {name!r}; pick another name")
-        r, alpha = spec.rank_and_alpha(path)
-        adapter = METHODS[spec.method](layer.base_layer, r, spec.scaling(r, alpha), spec.dropout, spec.init)
+        r, alpha = (ranks or {}).get(path) or (entry.layer_rank(spec, path), spec.rank_and_alpha(path)[1])
+        adapter = entry.layer(layer.base_layer, r, entry.scaling(spec, r, alpha), spec.dropout, spec.init,
+                              spec.options, shared)
+        adapter.method_name = entry.name  # how files, export and serving find its registry entry
         layer.adapters[name] = adapter.to(_device_of(layer.base_layer))
         layer.active.append(name)
     return paths

@@ -1,14 +1,14 @@
 """Adapters on disk in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Tensor keys are ``base_model.model.<module path>.<suffix>`` with suffixes ``lora_A.weight`` (r, in),
-``lora_B.weight`` (out, r) and, for DoRA, ``lora_magnitude_vector`` (out,). QA-LoRA is PEFT's
-``use_qalora`` with ``qalora_group_size``; its ``lora_A.weight`` is (r, in / group_size). The prefix is mandatory:
-PEFT silently loads nothing without it. Only safetensors are read; ``adapter_model.bin`` is refused.
+Tensor keys are ``base_model.model.<module path>.<suffix>``, each method's layer naming its suffixes
+(``lora_A.weight`` (r, in) and ``lora_B.weight`` (out, r) for LoRA); a method's model-level tensors (VeRA's
+``base_model.vera_A``) sit outside that prefix. The prefix is mandatory: PEFT silently loads nothing
+without it. Which config fields a method writes and reads comes from ``adapters.registry``. Only
+safetensors are read; ``adapter_model.bin`` is refused.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -20,10 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loraforge.adapters.inject import add_adapter
-from loraforge.adapters.model import adapted_layers, adapter_names
-from loraforge.adapters.qalora import group_size_of
-from loraforge.adapters.spec import AdapterError, AdapterSpec
+from loraforge.adapters.inject import add_adapter, linear_modules
+from loraforge.adapters.model import adapted_layers, adapter_names, delete_adapter
+from loraforge.adapters.registry import METHODS, method, method_for_peft_config
+from loraforge.adapters.spec import AdapterError, AdapterSpec, check_spec
 from loraforge.utils.atomic import atomic_dir
 
 CONFIG_NAME = "adapter_config.json"
@@ -35,55 +35,65 @@ class AdapterFormatError(AdapterError):
     """An adapter directory that is incomplete, corrupt, or doesn't fit the model."""
 
 
-def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors of adapter ``name`` under PEFT's key names."""
-    state = {}
-    for path, layer in adapted_layers(model).items():
-        if name in layer.adapters:
-            for suffix, tensor in layer.adapters[name].peft_tensors().items():
-                state[f"{PREFIX}{path}.{suffix}"] = tensor.detach().contiguous().cpu()
-    if not state:
+def adapter_state_dict(model: nn.Module, name: str = "default", for_original_base: bool = False
+                       ) -> dict[str, torch.Tensor]:
+    """The tensors of adapter ``name`` under PEFT's key names, model-level ones (VeRA's) included.
+
+    ``for_original_base``: as they apply to the model before any init changed its weights (PiSSA leaves
+    the base its residual; PEFT's ``pissa_convert``), which is what a saved adapter is for.
+    """
+    layers = {path: layer.adapters[name] for path, layer in adapted_layers(model).items() if name in layer.adapters}
+    if not layers:
         raise AdapterError(f"no adapter named {name!r} on this model; it has {adapter_names(model)}")
-    return state
+    state = {}
+    for path, adapter in layers.items():
+        tensors = adapter.original_base_tensors() if for_original_base and hasattr(adapter, "original_base_tensors") \
+            else adapter.peft_tensors()
+        for suffix, tensor in tensors.items():
+            state[f"{PREFIX}{path}.{suffix}"] = tensor
+    shared = method(next(iter(layers.values())).method_name).shared
+    if shared is not None:
+        state.update(shared.tensors(shared.of_layer(next(iter(layers.values())))))
+    return {key: tensor.detach().contiguous().cpu() for key, tensor in state.items()}
 
 
 def peft_config(spec: AdapterSpec, model: nn.Module, name: str, base_model_name_or_path: str | None) -> dict:
-    """PEFT's ``LoraConfig`` fields for ``spec``; ``target_modules`` lists the leaf names actually adapted."""
-    if spec.method not in ("lora", "dora", "qalora"):
-        raise AdapterError(f"adapter method {spec.method!r} has no PEFT LoRA config")
+    """PEFT's ``adapter_config.json`` for ``spec``: the fields every config has, the LoRA ones where the
+    method's config is a LoRA one, and the method's own; ``target_modules`` lists the leaf names adapted."""
+    entry = method(spec.method)
     paths = [p for p, layer in adapted_layers(model).items() if name in layer.adapters]
-    qalora = {"use_qalora": True, "qalora_group_size": _qalora_group_size(model, paths)} if spec.method == "qalora" else {}
     targets = spec.target_modules if isinstance(spec.target_modules, str) and spec.target_modules != "all-linear" else (
         sorted({p.rsplit(".", 1)[-1] for p in paths})
     )
-    return {
-        "peft_type": "LORA",
+    config = {
+        "peft_type": entry.peft_type,
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "r": spec.r,
-        "lora_alpha": spec.alpha,
-        "lora_dropout": spec.dropout,
         "target_modules": targets,
         "layers_to_transform": spec.layers_to_transform,
-        "rank_pattern": dict(spec.rank_pattern),
-        "alpha_pattern": dict(spec.alpha_pattern),
-        "use_rslora": spec.use_rslora,
-        "use_dora": spec.method == "dora",
-        "init_lora_weights": {"kaiming": True, "gaussian": "gaussian", "none": False}[spec.init],
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "modules_to_save": None,
         "inference_mode": True,
-        **qalora,
     }
+    if entry.lora_config:
+        config.update({
+            "lora_alpha": spec.alpha,
+            "lora_dropout": spec.dropout,
+            "rank_pattern": dict(spec.rank_pattern),
+            "alpha_pattern": dict(spec.alpha_pattern),
+            "use_rslora": spec.use_rslora,
+            "init_lora_weights": _INIT_TO_PEFT.get(spec.init, spec.init),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "modules_to_save": None,
+        })
+        config.update({m.peft_flag: m is entry for m in METHODS.values()
+                       if m.peft_flag and m.peft_type == entry.peft_type})
+    config.update(entry.peft_fields(spec, model, name, paths))
+    return config
 
 
-def _qalora_group_size(model: nn.Module, paths: list[str]) -> int:
-    """PEFT stores one ``qalora_group_size`` per adapter, so every adapted layer must share it."""
-    sizes = {path: group_size_of(model.get_submodule(path).base_layer) for path in paths}
-    if len(set(sizes.values())) > 1:
-        raise AdapterError(f"QA-LoRA layers have different quantization group sizes {sizes}; PEFT's format holds one")
-    return next(iter(sizes.values()))
+_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "none": False}
+"""``adapter.init`` -> PEFT's ``init_lora_weights`` (PiSSA's values are spelled alike)."""
 
 
 def save_adapter(
@@ -109,18 +119,22 @@ def save_adapter(
         if directory.is_dir():
             shutil.copytree(directory, staging, symlinks=True, dirs_exist_ok=True, copy_function=_link_or_copy,
                             ignore=lambda folder, _: (CONFIG_NAME, WEIGHTS_NAME) if Path(folder) == directory else ())
-        write_adapter_files(model, staging, spec, name, base_model_name_or_path)
+        write_adapter_files(model, staging, spec, name, base_model_name_or_path, for_original_base=True)
     return directory
 
 
 def write_adapter_files(model: nn.Module, directory: Path, spec: AdapterSpec, name: str,
-                        base_model_name_or_path: str | None) -> None:
+                        base_model_name_or_path: str | None, for_original_base: bool = False) -> None:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into the folder ``directory``, in place.
+
+    ``for_original_base``: as the adapter applies to the model's original weights (see
+    ``adapter_state_dict``); checkpoints keep it as trained, beside the base it was trained on.
 
     Callers that need the pair to appear as one unit write into an ``atomic_dir`` (``save_adapter``, checkpoints).
     """
-    state = adapter_state_dict(model, name)
-    config = peft_config(spec, model, name, base_model_name_or_path)
+    state = adapter_state_dict(model, name, for_original_base)
+    config = peft_config(method(spec.method).spec_for_original_base(spec) if for_original_base else spec, model,
+                         name, base_model_name_or_path)
     save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
@@ -197,32 +211,35 @@ def load_adapter_weights(model: nn.Module, name: str, tensors: dict[str, torch.T
 
 
 def spec_from_peft_config(config: dict, source: str = "adapter_config.json") -> AdapterSpec:
-    """Our ``AdapterSpec`` for a PEFT LoRA/DoRA config."""
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise AdapterFormatError(f"{source}: peft_type {peft_type!r} is not supported; loraforge loads LORA adapters (LoRA, DoRA, QA-LoRA)")
-    if config.get("use_dora") and config.get("use_qalora"):
-        raise AdapterFormatError(f"{source}: use_dora and use_qalora are both set; an adapter is one or the other")
+    """Our ``AdapterSpec`` for a PEFT ``adapter_config.json`` of any method in the registry."""
+    try:
+        entry = method_for_peft_config(config, source)
+    except AdapterError as err:
+        raise AdapterFormatError(str(err)) from None
     r = config.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise AdapterFormatError(f"{source}: r must be a positive integer, got {r!r}")
-    init = config.get("init_lora_weights", True)
     targets = config.get("target_modules") or "all-linear"
+    fields = {"method": entry.name, "r": r, "target_modules": targets if isinstance(targets, str) else list(targets),
+              "layers_to_transform": _as_list(config.get("layers_to_transform"))}
     try:
-        return AdapterSpec(
-            method="dora" if config.get("use_dora") else "qalora" if config.get("use_qalora") else "lora",
-            r=r,
-            alpha=float(config.get("lora_alpha", 8)),
-            dropout=float(config.get("lora_dropout") or 0.0),
-            use_rslora=bool(config.get("use_rslora", False)),
-            init="none" if init is False else "gaussian" if init == "gaussian" else "kaiming",
-            target_modules=targets if isinstance(targets, str) else list(targets),
-            layers_to_transform=_as_list(config.get("layers_to_transform")),
-            rank_pattern=dict(config.get("rank_pattern") or {}),
-            alpha_pattern=dict(config.get("alpha_pattern") or {}),
-        )
+        if entry.lora_config:
+            init = config.get("init_lora_weights", True)
+            fields.update(
+                alpha=float(config.get("lora_alpha", 8)),
+                dropout=float(config.get("lora_dropout") or 0.0),
+                use_rslora=bool(config.get("use_rslora", False)),
+                # the file's tensors replace the init; a PiSSA file applies to the base it was converted for
+                init="none" if init is False else "gaussian" if init == "gaussian" else "kaiming",
+                rank_pattern=dict(config.get("rank_pattern") or {}),
+                alpha_pattern=dict(config.get("alpha_pattern") or {}),
+            )
+        fields.update(entry.from_peft(config))
+        spec = AdapterSpec(**fields)
+        check_spec(spec)
     except (TypeError, ValueError) as err:
-        raise AdapterFormatError(f"{source}: a LoraConfig field has a wrong type or value: {err}") from None
+        raise AdapterFormatError(f"{source}: a {entry.peft_type} config field has a wrong type or value: {err}") from None
+    return spec
 
 
 def _as_list(value):
@@ -233,8 +250,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
                  base_model_name_or_path: str | None = None) -> AdapterSpec:
     """Add the adapter saved in ``directory`` to ``model`` as ``name`` and load its weights.
 
-    The modules come from the tensor keys, and every shape is checked before anything is changed:
-    an adapter for another base model raises an error naming the first mismatching key.
+    The modules come from the tensor keys. Each layer is built as its method builds it (the rank from the
+    file), and every key and shape is checked against it before a tensor is copied; on any mismatch the
+    adapter is removed again and the model is as it was.
 
     ``base_model_name_or_path``, when given, is the model's source. An adapter whose config names
     another base only gets a warning: names are not identities (a hub id, a local copy, a renamed
@@ -242,22 +260,31 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     adapter that truly belongs to another architecture fails the shape check.
 
     Raises:
-        AdapterFormatError: a missing, corrupt or truncated file, or a tensor that doesn't fit the model.
+        AdapterFormatError: a missing, corrupt or truncated file, an unsupported method, or a tensor that
+            doesn't fit the model.
     """
     directory = Path(directory)
     config, tensors = read_adapter_dir(directory)
+    weights = directory / WEIGHTS_NAME
     spec = spec_from_peft_config(config, str(directory / CONFIG_NAME))
-    per_module = group_by_module(tensors, directory / WEIGHTS_NAME, spec.method)
-    modules = dict(model.named_modules())
-    for path, module_tensors in per_module.items():
-        _check_shapes(path, module_tensors, modules.get(path), directory / WEIGHTS_NAME, _qalora_file_group(config, spec))
-    for path, module_tensors in per_module.items():
-        r = module_tensors["lora_A.weight"].shape[0]
-        _, alpha = spec.rank_and_alpha(path)
-        module_spec = dataclasses.replace(spec, r=r, alpha=alpha, rank_pattern={}, alpha_pattern={})
-        add_adapter(model, module_spec, name, paths=[path])
-        layer = model.get_submodule(path)
-        layer.adapters[name].load_peft_tensors(module_tensors)
+    entry = method(spec.method)
+    shared_keys = entry.shared.keys if entry.shared else ()
+    per_module = group_by_module({k: v for k, v in tensors.items() if k not in shared_keys}, weights, model)
+    ranks = {path: (entry.rank_from_peft(config, module_tensors), spec.rank_and_alpha(path)[1])
+             for path, module_tensors in per_module.items()}
+    try:
+        add_adapter(model, spec, name, paths=list(per_module), ranks=ranks,
+                    saved_shared={k: tensors[k] for k in shared_keys if k in tensors})
+        for path in per_module:
+            if entry.after_load is not None:
+                entry.after_load(model.get_submodule(path).adapters[name], path, config)
+        load_adapter_weights(model, name, {k: v for k, v in tensors.items() if k not in shared_keys}, directory)
+    except AdapterError as err:
+        if name in adapter_names(model):
+            delete_adapter(model, name)
+        if isinstance(err, AdapterFormatError):
+            raise
+        raise AdapterFormatError(f"{weights}: {err}") from None
     if base_model_name_or_path:
         _warn_if_other_base(config.get("base_model_name_or_path"), base_model_name_or_path, directory / CONFIG_NAME)
     return spec
@@ -272,63 +299,30 @@ def _warn_if_other_base(trained_on, loaded_into: str, config_path: Path) -> None
                   "its shapes fit, but if that is another model its outputs will be wrong", stacklevel=3)
 
 
-def group_by_module(tensors: dict[str, torch.Tensor], source: Path, method: str) -> dict[str, dict[str, torch.Tensor]]:
-    expected = set(_suffixes(method))
+def group_by_module(tensors: dict[str, torch.Tensor], source: Path, model: nn.Module
+                    ) -> dict[str, dict[str, torch.Tensor]]:
+    """PEFT-keyed ``tensors`` grouped by the linear module of ``model`` each belongs to, keyed by suffix.
+
+    Raises:
+        AdapterFormatError: a key without PEFT's prefix, or one that names no linear module of ``model``.
+    """
+    modules = linear_modules(model)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
             raise AdapterFormatError(f"{source}: key {key!r} lacks PEFT's mandatory {PREFIX!r} prefix")
         body = key[len(PREFIX):]
-        suffix = next((s for s in expected if body.endswith("." + s)), None)
-        if suffix is None:
-            raise AdapterFormatError(
-                f"{source}: key {key!r} is not a {method} tensor; expected keys ending in {sorted(expected)}"
-            )
-        grouped.setdefault(body[: -len(suffix) - 1], {})[suffix] = tensor
-    for path, group in grouped.items():
-        missing = expected - set(group)
-        if missing:
-            raise AdapterFormatError(f"{source}: module {path} lacks {sorted(missing)}")
+        path = next((p for p in _prefixes(body) if p in modules), None)
+        if path is None:
+            raise AdapterFormatError(f"{source}: {key} names no linear module of this model; was the adapter trained "
+                                     "for another base model?")
+        grouped.setdefault(path, {})[body[len(path) + 1:]] = tensor
     if not grouped:
         raise AdapterFormatError(f"{source}: holds no adapter tensors")
     return grouped
 
 
-def _suffixes(method: str) -> tuple[str, ...]:
-    base = ("lora_A.weight", "lora_B.weight")
-    return base + ("lora_magnitude_vector",) if method == "dora" else base
-
-
-def _qalora_file_group(config: dict, spec: AdapterSpec) -> int | None:
-    return int(config.get("qalora_group_size", 16)) if spec.method == "qalora" else None
-
-
-def _check_shapes(
-    path: str, tensors: dict[str, torch.Tensor], module: nn.Module | None, source: Path, qalora_group: int | None
-) -> None:
-    key = f"{PREFIX}{path}"
-    if module is None:
-        raise AdapterFormatError(
-            f"{source}: {key} names module {path!r}, which this model lacks; was the adapter trained for another base model?"
-        )
-    base = getattr(module, "base_layer", module)
-    if not hasattr(base, "in_features"):
-        raise AdapterFormatError(f"{source}: {key}: module {path!r} is a {type(base).__name__}, not a linear layer")
-    r = tensors["lora_A.weight"].shape[0]
-    a_in = base.in_features
-    if qalora_group is not None:
-        if group_size_of(base) != qalora_group:
-            raise AdapterFormatError(
-                f"{source}: {key}: the adapter was trained with qalora_group_size {qalora_group}, but this base is "
-                f"quantized in groups of {group_size_of(base)}; QA-LoRA needs the same groups it was trained on"
-            )
-        a_in = base.in_features // qalora_group
-    expected = {"lora_A.weight": (r, a_in), "lora_B.weight": (base.out_features, r)}
-    if "lora_magnitude_vector" in tensors:
-        expected["lora_magnitude_vector"] = (base.out_features,)
-    for suffix, shape in expected.items():
-        if tuple(tensors[suffix].shape) != shape:
-            raise AdapterFormatError(
-                f"{source}: {key}.{suffix} has shape {tuple(tensors[suffix].shape)} but this model needs {shape}; "
-                "the adapter was trained for another base model"
-            )
+def _prefixes(body: str) -> list[str]:
+    """``a.b.c.d`` -> ``["a.b.c", "a.b", "a"]``: the module paths a tensor key could belong to, longest first."""
+    parts = body.split(".")
+    return [".".join(parts[:end]) for end in range(len(parts) - 1, 0, -1)]

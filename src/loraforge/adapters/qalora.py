@@ -66,12 +66,17 @@ class QALoraAdapter(nn.Module):
     def merge(self, base: nn.Module) -> None:
         """Fold into the base's per-group min terms; the base stays quantized (a Q4_0 base becomes Q4_1)."""
         self._unmerged = (base.qweight,)
-        base.qweight = fold_into_group_min(base.qweight, self.group_delta().detach())
+        base.qweight = self.fold_into(base.qweight)
 
     def unmerge(self, base: nn.Module) -> None:
         """Put back the exact weight from before :meth:`merge`."""
         (base.qweight,) = self._unmerged
         self._unmerged = ()
+
+    def fold_into(self, weight: QuantizedWeight) -> QuantizedWeight:
+        """``weight`` (this layer's base) with the update folded into its group offsets, losslessly but for
+        fp16 rounding; how a merged export keeps the base quantized."""
+        return fold_into_group_min(weight, self.group_delta().detach())
 
     # Same tensors and PEFT key names as LoRA (only lora_A's width differs).
     peft_tensors = LoraAdapter.peft_tensors
@@ -111,3 +116,20 @@ def fold_into_group_min(weight: QuantizedWeight, group_delta: torch.Tensor) -> Q
     if isinstance(weight, Q4_1Weight):
         return Q4_1Weight(d=weight.d, m=(weight.m.float() + delta).half(), qs=weight.qs)
     raise AdapterError(f"QA-LoRA can't fold into a {weight.format} weight; it needs INTk, Q4_1 or Q4_0")
+
+
+def peft_fields(spec, model: nn.Module, name: str, paths: list[str]) -> dict:
+    """QA-LoRA's field of PEFT's ``LoraConfig``: one ``qalora_group_size``, which every layer must share."""
+    sizes = {path: group_size_of(model.get_submodule(path).base_layer) for path in paths}
+    if len(set(sizes.values())) > 1:
+        raise AdapterError(f"QA-LoRA layers have different quantization group sizes {sizes}; PEFT's format holds one")
+    return {"qalora_group_size": next(iter(sizes.values()))}
+
+
+def after_load(adapter: QALoraAdapter, path: str, config: dict) -> None:
+    """A QA-LoRA file fits only a base quantized in the groups it was trained on."""
+    trained = int(config.get("qalora_group_size", 16))
+    if trained != adapter.group_size:
+        raise AdapterError(f"{path}: the adapter was trained with qalora_group_size {trained}, but this base is "
+                           f"quantized in groups of {adapter.group_size}; QA-LoRA needs the same groups it was "
+                           "trained on")

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from loraforge.adapters import load_adapter
 from loraforge.cli.main import CommandError
-from loraforge.adapters.peft_format import load_adapter_weights, read_adapter_dir
 from loraforge.config import load_config
 from loraforge.export import export_model
 from loraforge.models import load_model, resolve_device
+from loraforge.models.prepare import load_base
 from loraforge.models.sources import default_gguf_path
-from loraforge.train.run import CONFIG_FILE, prepare_model
+from loraforge.train.run import CONFIG_FILE
 
 
 def export(run: str | None, model_source: str | None, adapter: str | None, out: str, format: str, gguf_type: str,
@@ -24,10 +23,9 @@ def export(run: str | None, model_source: str | None, adapter: str | None, out: 
         if not (run_dir / CONFIG_FILE).is_file():
             raise CommandError(f"--run {run}: not a training run folder ({CONFIG_FILE} is missing)")
         config = load_config(run_dir / CONFIG_FILE, check_files=False)
-        model, tokenizer, _ = prepare_model(config, target)
-        adapter_dir = Path(adapter) if adapter else run_dir / "adapter"
-        _, tensors = read_adapter_dir(adapter_dir)
-        load_adapter_weights(model, config.adapter.name, tensors, adapter_dir)
+        model, tokenizer = load_base(config.model, target)
+        # The saved adapter describes itself (AdaLoRA's pruned ranks, PiSSA saved for the original weight).
+        load_adapter(model, Path(adapter) if adapter else run_dir / "adapter", config.adapter.name)
         source = config.model.source
     else:
         if adapter is None:

@@ -2,7 +2,6 @@
 
 from .load import load_config, save_config
 from .schema import (
-    ADAPTER_METHODS,
     AdapterConfig,
     Config,
     DataConfig,
@@ -14,7 +13,6 @@ from .schema import (
 from .validate import ConfigError
 
 __all__ = [
-    "ADAPTER_METHODS",
     "AdapterConfig",
     "Config",
     "ConfigError",

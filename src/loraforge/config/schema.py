@@ -15,10 +15,11 @@ tool. A validated ``Config`` holds them all as absolute paths.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from .validate import ConfigError, Problem, build
 
@@ -27,16 +28,14 @@ QuantType = Literal["nf4", "fp4", "int", "gguf"]
 QuantBits = Literal[2, 3, 4, 8]
 GroupSize = Literal[32, 64, 128]
 ComputeDtype = Literal["fp32", "bf16", "fp16"]
-AdapterMethod = Literal["lora", "dora", "qalora"]
-AdapterInit = Literal["kaiming", "gaussian", "none"]
 DataFormat = Literal["alpaca", "sharegpt", "openai"]
 ChatTemplate = Literal["auto", "chatml"]
 Optimizer = Literal["adamw", "paged_adamw", "adamw_8bit"]
 Scheduler = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16"]
 
-ADAPTER_METHODS: tuple[str, ...] = get_args(AdapterMethod)
-"""The adapter methods a config may name; the one list to extend when a method is added."""
+INIT_CHOICES = ("kaiming", "gaussian", "none", "pissa")
+"""Adapter inits; ``pissa_niter_N`` is PiSSA with N fast-SVD iterations."""
 
 
 def setting(default: Any, help: str, **bounds: float) -> Any:
@@ -101,32 +100,83 @@ class ModelConfig:
     threads: int | None = setting(None, "torch CPU threads; null = torch's default.", gt=0)
 
 
+def _method_options(values: dict) -> type | None:
+    """The options dataclass of the adapter method in ``values`` (None: it has none, or no such method)."""
+    from loraforge.adapters.registry import METHODS
+
+    method = METHODS.get(values.get("method", "lora"))
+    return method.options if method is not None else None
+
+
 @dataclass
 class AdapterConfig:
-    method: AdapterMethod = setting("lora", "Adapter method: " + " | ".join(ADAPTER_METHODS) + ".")
+    """The adapter to train, and the one type that describes an adapter everywhere (``AdapterSpec`` in
+    ``loraforge.adapters`` is this class). The methods and their options come from
+    ``loraforge.adapters.registry``."""
+
+    method: str = setting("lora", "Adapter method, a name of loraforge.adapters.registry.METHODS (lora, dora, "
+                                  "qalora, adalora, vera, ...).")
     name: str = setting("default", "Adapter name (the PEFT adapter name, and its name when served).")
-    r: int = setting(16, "Rank of the low-rank update.", gt=0)
+    r: int = setting(16, "Rank of the low-rank update (vera: of the shared projections).", gt=0)
     alpha: float = setting(32.0, "Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with "
                                  "use_rslora).", gt=0)
     dropout: float = setting(0.0, "Dropout on the adapter's input, in [0, 1).", ge=0, lt=1)
     use_rslora: bool = setting(False, "Rank-stabilised scaling alpha / sqrt(r).")
-    init: AdapterInit = setting("kaiming", "Init of A (B starts at zero): kaiming | gaussian | none (both random, "
-                                           "for tests).")
+    init: str = setting("kaiming", "Init of A (B starts at zero): kaiming | gaussian | none (both random, for "
+                                   "tests) | pissa (A and B from the weight's principal singular vectors; the base "
+                                   "keeps the residual) | pissa_niter_N (the same by fast SVD, N iterations).")
     target_modules: str | list[str] = setting("all-linear", "'all-linear' (every linear but the output head), a "
                                                              "list of module names, or a regex on full names.")
     layers_to_transform: list[int] | None = setting(None, "Only adapt these layer indices; null = all.", ge=0)
     rank_pattern: dict[str, int] = setting({}, "Per-module rank: {module-name pattern: r}.", gt=0)
     alpha_pattern: dict[str, float] = setting({}, "Per-module alpha: {module-name pattern: alpha}.", gt=0)
+    options: Any = field(default=None, metadata={
+        "help": "the method's own settings, the fields of its options dataclass (loraforge.adapters.registry "
+                "names it: AdaLoraOptions, VeraOptions, ...); null = its defaults; methods without one take none",
+        "type_from": _method_options})
+
+    def __post_init__(self) -> None:
+        options = _method_options({"method": self.method})
+        if self.options is None and options is not None:
+            self.options = options()
 
     def check(self) -> list[tuple[str, str]]:
+        from loraforge.adapters.registry import METHODS
+
+        problems = []
+        if self.method not in METHODS:
+            close = difflib.get_close_matches(self.method, list(METHODS), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(("method", f"{self.method!r} is not an adapter method; choose one of "
+                                       f"{', '.join(METHODS)}{hint}"))
+        else:
+            problems += METHODS[self.method].problems(self)
+            if self.options is not None and hasattr(self.options, "check"):
+                problems += [(f"options.{key}", message) for key, message in self.options.check()]
+        if not (self.init in INIT_CHOICES or re.fullmatch(r"pissa_niter_[1-9]\d*", self.init)):
+            problems.append(("init", f"{self.init!r} is not one of {', '.join(INIT_CHOICES)} or pissa_niter_N"))
         if isinstance(self.target_modules, list):
-            return [("target_modules", "must name at least one module")] if not self.target_modules else []
-        if self.target_modules != "all-linear":
+            if not self.target_modules:
+                problems.append(("target_modules", "must name at least one module"))
+        elif self.target_modules != "all-linear":
             try:
                 re.compile(self.target_modules)
             except re.error as e:
-                return [("target_modules", f"not a valid regex ({e}): {self.target_modules!r}")]
-        return []
+                problems.append(("target_modules", f"not a valid regex ({e}): {self.target_modules!r}"))
+        return problems
+
+    def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
+        """The rank and alpha for one module, after ``rank_pattern`` / ``alpha_pattern`` (a pattern matches
+        the end of the module path, as in PEFT)."""
+        return (_first_pattern_match(self.rank_pattern, module_path, self.r),
+                _first_pattern_match(self.alpha_pattern, module_path, self.alpha))
+
+
+def _first_pattern_match(patterns: dict, module_path: str, default):
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module_path):
+            return value
+    return default
 
 
 @dataclass
@@ -180,6 +230,8 @@ class TrainConfig:
                                      gt=0)
     save_steps: int | None = setting(None, "Checkpoint every N steps; null = only the final save.", gt=0)
     save_total_limit: int | None = setting(2, "Keep the newest N checkpoints; null = keep all.", gt=0)
+    loraplus_lr_ratio: float | None = setting(None, "LoRA+: the B matrices learn at this times train.lr (e.g. 16); "
+                                                    "null = one learning rate.", gt=0)
     resume_from_checkpoint: str | None = setting(None, "null | 'latest' (newest checkpoint in output.dir) | path "
                                                        "to a checkpoint folder.")
 
@@ -233,12 +285,21 @@ class Config:
 
 def _cross_section_problems(config: Config) -> list[Problem]:
     """Rules that tie keys of different sections together."""
-    quant = config.model.quantization
-    if config.adapter.method == "qalora" and (quant is None or quant.type not in ("int", "gguf")):
-        return [Problem(("adapter", "method"), "adapter.method: qalora trains on group-quantized weights; set "
-                                               "model.quantization.type to int (INTk groups) or gguf (a .gguf "
-                                               "source's Q4_0/Q4_1 blocks)")]
-    return []
+    from loraforge.adapters.registry import METHODS
+
+    adapter, quant = config.adapter, config.model.quantization
+    problems = []
+    needs = METHODS[adapter.method].base_quantization if adapter.method in METHODS else ()
+    if needs and (quant is None or quant.type not in needs):
+        problems.append(Problem(("adapter", "method"), f"adapter.method: {adapter.method} trains on a quantized base "
+                                                       f"of type {' or '.join(needs)}; set model.quantization.type "
+                                                       "to one of them"))
+    if adapter.init.startswith("pissa") and quant is not None:
+        problems.append(Problem(("adapter", "init"), "adapter.init: pissa moves the weight's principal part into the "
+                                                     "adapter and leaves the base the residual, which a quantized "
+                                                     "base can't hold without re-quantizing; use pissa on a dense "
+                                                     "base (model.quantization: null), or init kaiming for QLoRA"))
+    return problems
 
 
 def _resolve_paths(config: Config, base_dir: str | os.PathLike) -> None:

@@ -10,7 +10,9 @@ the usual YAML slips and nothing else:
 - an empty section (``adapter:`` with nothing under it) means "all defaults".
 
 Field metadata may bound numbers with ``gt``, ``ge``, ``lt`` and ``le``; a bound applies to the number,
-or to each number of a list or mapping. A dataclass may define ``check() -> list[tuple[str, str]]`` for
+or to each number of a list or mapping. ``metadata["type_from"]`` makes a field's type depend on the
+fields before it: a function of their values (a dict) that returns a dataclass, or None when the field
+must be left unset (``adapter.options`` takes the options dataclass of ``adapter.method``). A dataclass may define ``check() -> list[tuple[str, str]]`` for
 rules that tie several of its fields together; it returns ``(field name, message)`` pairs.
 
 Every problem is collected; nothing raises until the caller decides to (see ``ConfigError``).
@@ -79,8 +81,9 @@ def dotted(path: KeyPath) -> str:
     return out
 
 
-def build(cls: type, data: Any) -> tuple[Any, list[Problem]]:
-    """Build dataclass ``cls`` from ``data``; returns the instance and every problem found.
+def build(cls: type, data: Any, path: KeyPath = ()) -> tuple[Any, list[Problem]]:
+    """Build dataclass ``cls`` from ``data``, found at key ``path`` of a config; returns the instance and
+    every problem found.
 
     Where a value is wrong, the field keeps its default, so the instance is always complete.
     """
@@ -89,9 +92,9 @@ def build(cls: type, data: Any) -> tuple[Any, list[Problem]]:
         data = {}
     if not isinstance(data, dict):
         sections = ", ".join(f.name for f in dataclasses.fields(cls))
-        problems.append(Problem((), f"expected a mapping of sections ({sections}), got {_show(data)}"))
+        problems.append(Problem(path, f"expected a mapping of sections ({sections}), got {_show(data)}"))
         return cls(), problems
-    return _build(cls, data, (), _Context(cls, problems)), problems
+    return _build(cls, data, path, _Context(cls, problems)), problems
 
 
 class _Context(NamedTuple):
@@ -122,8 +125,16 @@ def _build(cls: type, data: dict, path: KeyPath, ctx: _Context) -> Any:
     for name, f in fields.items():
         if name not in data:
             continue
+        tp = hints[name]
+        if "type_from" in f.metadata:
+            tp = f.metadata["type_from"](values)
+            if tp is None:
+                if data[name] not in (None, {}):
+                    ctx.problems.append(Problem(path + (name,), f"{dotted(path + (name,))}: takes no value here "
+                                                                f"({f.metadata['help']})"))
+                continue
         try:
-            value = _convert(data[name], hints[name], path + (name,), ctx)
+            value = _convert(data[name], tp, path + (name,), ctx)
         except _Mismatch as mismatch:
             ctx.problems.append(mismatch.problem())
             continue

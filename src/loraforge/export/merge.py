@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from loraforge.adapters.layer import AdaptedLinear
-from loraforge.adapters.qalora import QALoraAdapter, fold_into_group_min
 from loraforge.quant.base import QuantizedWeight, QuantLinear, dense_weight
 from loraforge.utils.atomic import atomic_dir
 
@@ -49,19 +48,20 @@ def merged_quantized_weight(layer: nn.Module) -> QuantizedWeight | None:
     """The quantized weight of the merged layer when no rounding beyond QA-LoRA's fp16 offsets is needed.
 
     That is: a ``QuantLinear`` with no pending adapters (its weight as is), or one whose pending
-    adapters are all QA-LoRA (folded into the group offsets). Any other adapter on a quantized base,
-    or a dense base, gives None: merging it needs a dense weight.
+    adapters all fold into the quantized weight itself (an adapter method's optional
+    ``fold_into(weight) -> weight``; QA-LoRA folds into the group offsets). Any other adapter on a
+    quantized base, or a dense base, gives None: merging it needs a dense weight.
     """
     base = layer.base_layer if isinstance(layer, AdaptedLinear) else layer
     if not isinstance(base, QuantLinear):
         return None
     weight = base.qweight
     adapters = pending_adapters(layer) if isinstance(layer, AdaptedLinear) else []
-    if not all(isinstance(adapter, QALoraAdapter) for adapter in adapters):
+    if not all(hasattr(adapter, "fold_into") for adapter in adapters):
         return None
     with torch.no_grad():
         for adapter in adapters:
-            weight = fold_into_group_min(weight, adapter.group_delta())
+            weight = adapter.fold_into(weight)
     return weight
 
 

@@ -3,9 +3,13 @@
 A checkpoint folder ``checkpoints/checkpoint-<step>/`` holds:
 - the adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``);
 - ``optimizer.safetensors``: every tensor of the optimizer state, keyed ``state.<param index>.<name>``;
-- ``trainer_state.json``: the optimizer's param groups and non-tensor state, the scheduler state, the
-  step, and the Python/NumPy RNG states;
-- ``rng.safetensors``: torch's CPU (and CUDA) generator states.
+- ``trainer_state.json``: the optimizer's param groups (LoRA+'s two learning rates included) and
+  non-tensor state, the scheduler state, the step, the Python/NumPy RNG states, and ``training_hook``:
+  the non-tensor entries of the adapter method's training hook state (AdaLoRA: ``total_step``,
+  ``budget``), or null when the method has no hook;
+- ``rng.safetensors``: torch's CPU (and CUDA) generator states;
+- ``training_hook.safetensors``: the tensor entries of the hook's state (AdaLoRA: the importance EMAs
+  and the kept-triplet masks), only when the method has a hook.
 
 The data order is a function of (seed, epoch), so the step alone says where to continue. A checkpoint
 is built in a staging folder and renamed into place (``loraforge.utils.atomic``), so a crash never
@@ -27,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loraforge.adapters import AdapterSpec
+from loraforge.adapters import AdapterError, AdapterSpec
 from loraforge.adapters.peft_format import (
     CONFIG_NAME,
     load_adapter_weights,
@@ -36,6 +40,7 @@ from loraforge.adapters.peft_format import (
     spec_from_peft_config,
     write_adapter_files,
 )
+from loraforge.adapters.registry import TrainingHook
 from loraforge.utils.atomic import STAGING_INFIX, atomic_dir
 
 CHECKPOINTS = "checkpoints"
@@ -43,6 +48,7 @@ PREFIX = "checkpoint-"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
 TRAINER_STATE = "trainer_state.json"
+HOOK = "training_hook.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -56,11 +62,16 @@ class TrainState:
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, spec: AdapterSpec, adapter_name: str, base_model: str,
-                    optimizer: torch.optim.Optimizer, scheduler, state: TrainState, keep: int | None) -> Path:
-    """Write ``checkpoints/checkpoint-<step>`` as one unit, then keep only the ``keep`` newest (all if None)."""
+                    optimizer: torch.optim.Optimizer, scheduler, state: TrainState, keep: int | None,
+                    hook: TrainingHook | None = None) -> Path:
+    """Write ``checkpoints/checkpoint-<step>`` as one unit, then keep only the ``keep`` newest (all if None).
+
+    ``hook``: the adapter method's training hook, whose ``state_dict()`` (tensors, and JSON-able values) is
+    saved with the rest."""
     root = run_dir / CHECKPOINTS
     final = root / f"{PREFIX}{state.step}"
     tensors, plain = _split_optimizer_state(optimizer.state_dict())
+    hook_tensors, hook_plain = _split_hook_state(hook)
     trainer_state = {
         "step": state.step,
         "tokens_seen": state.tokens_seen,
@@ -68,11 +79,14 @@ def save_checkpoint(run_dir: Path, model: nn.Module, spec: AdapterSpec, adapter_
         "scheduler": scheduler.state_dict(),
         "python_rng": _jsonable(random.getstate()),
         "numpy_rng": _jsonable(np.random.get_state()),
+        "training_hook": hook_plain,
     }
     with atomic_dir(final) as staging:
         write_adapter_files(model, staging, spec, adapter_name, base_model)
         save_file(tensors, staging / OPTIMIZER)
         save_file(_torch_rng_state(), staging / RNG)
+        if hook_tensors is not None:
+            save_file(hook_tensors, staging / HOOK)
         (staging / TRAINER_STATE).write_text(json.dumps(trainer_state))
     _prune(root, keep, final)
     return final
@@ -109,14 +123,14 @@ def _listing(run_dir: Path) -> str:
 
 
 def load_checkpoint(path: Path, model: nn.Module, spec: AdapterSpec, adapter_name: str,
-                    optimizer: torch.optim.Optimizer, scheduler) -> TrainState:
-    """Restore adapter weights, optimizer, scheduler and RNG states from ``path``.
+                    optimizer: torch.optim.Optimizer, scheduler, hook: TrainingHook | None = None) -> TrainState:
+    """Restore adapter weights, optimizer, scheduler, RNG and training-hook states from ``path``.
 
-    Every file is read and checked before anything is changed.
+    Every file is read and checked before anything is changed (the hook checks its state first).
 
     Raises:
         CheckpointError: the checkpoint was written with other adapter settings (the message lists each
-            key with both values), or a file is missing, truncated or corrupt.
+            key with both values), without the hook's state, or a file is missing, truncated or corrupt.
         AdapterFormatError: the adapter files are missing or unreadable.
     """
     adapter_config, adapter_tensors = read_adapter_dir(path)
@@ -124,6 +138,15 @@ def load_checkpoint(path: Path, model: nn.Module, spec: AdapterSpec, adapter_nam
     saved = _read_trainer_state(path / TRAINER_STATE)
     optimizer_tensors = _read_tensors(path / OPTIMIZER)
     rng = _read_tensors(path / RNG)
+    if hook is not None:
+        if not isinstance(saved.get("training_hook"), dict):
+            raise CheckpointError(f"{path / TRAINER_STATE}: holds no training_hook state, which adapter.method "
+                                  f"{spec.method} needs to resume; it was written by another method or an older "
+                                  f"loraforge. {_EARLIER}")
+        try:
+            hook.load_state_dict({**saved["training_hook"], **_read_tensors(path / HOOK)})
+        except AdapterError as err:
+            raise CheckpointError(f"can't resume from {path}: {err}") from None
     load_adapter_weights(model, adapter_name, adapter_tensors, path)
     optimizer.load_state_dict(_join_optimizer_state(optimizer_tensors, saved["optimizer"]))
     scheduler.load_state_dict(saved["scheduler"])
@@ -193,6 +216,15 @@ def _prune(root: Path, keep: int | None, newest: Path) -> None:
         doomed = root / f".{old.name}{STAGING_INFIX}deleted"
         os.rename(old, doomed)
         shutil.rmtree(doomed)
+
+
+def _split_hook_state(hook: TrainingHook | None) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
+    """The hook's state as (tensors for ``training_hook.safetensors``, the rest for the JSON), or (None, None)."""
+    if hook is None:
+        return None, None
+    state = hook.state_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if torch.is_tensor(v)}
+    return tensors, {k: v for k, v in state.items() if not torch.is_tensor(v)}
 
 
 def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

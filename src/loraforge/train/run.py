@@ -5,6 +5,13 @@ Run folder layout (``output.dir``):
 - ``adapter/``: the final adapter, PEFT format;
 - ``checkpoints/checkpoint-<step>/``: resumable checkpoints (see ``checkpoint.py``);
 - ``metrics.jsonl``, ``tensorboard/``, ``loss_curve.png``, ``summary.json``.
+
+An adapter method may add to the loop through its registry entry's ``training_hook`` (AdaLoRA's rank
+allocator); the loop never learns which method it is. The hook's ``loss()`` (a penalty) is added to
+every optimizer step's loss, but is not part of the logged ``loss`` (logged as ``penalty`` beside it) nor
+of ``eval_loss``, which stay the task's cross-entropy, comparable across methods. Its state is saved in
+every checkpoint, and its ``finish()`` runs once, after the last step and before the final adapter save.
+With LoRA+ (``train.loraplus_lr_ratio``) the logged ``lr`` is the base rate (A's); B's is that times the ratio.
 """
 
 from __future__ import annotations
@@ -25,16 +32,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from loraforge.adapters import AdapterSpec, add_adapter, disable_adapters, mark_only_adapters_trainable, save_adapter
+from loraforge.adapters import add_adapter, disable_adapters, mark_only_adapters_trainable, save_adapter
+from loraforge.adapters.registry import TrainingHook, method
 from loraforge.config import Config, save_config
 from loraforge.data import build_datasets
 from loraforge.data.collate import batches, collate
-from loraforge.models import load_model
-from loraforge.models.sources import DTYPES
+from loraforge.models.prepare import load_base
 from loraforge.train.checkpoint import CheckpointError, TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 from loraforge.train.evaluate import eval_loss, exact_match
 from loraforge.train.loss import summed_token_loss
-from loraforge.train.optim import build_optimizer
+from loraforge.train.optim import build_optimizer, parameter_groups
 from loraforge.train.runlog import RunLog, peak_memory_bytes, plot_loss_curve
 from loraforge.train.schedule import lr_multiplier, warmup_steps
 
@@ -62,6 +69,8 @@ def run_training(config: Config, echo=print) -> RunResult:
     if config.model.threads:
         torch.set_num_threads(config.model.threads)
     run_dir = Path(config.output.dir)
+    if config.train.resume_from_checkpoint is not None:
+        config = _with_options_the_run_chose(config, run_dir / CONFIG_FILE)
     _check_run_dir(config, run_dir)
     _seed_everything(config.train.seed)
 
@@ -73,33 +82,39 @@ def run_training(config: Config, echo=print) -> RunResult:
 
     data = _build_data(config, tokenizer)
     echo(str(data.report))
-    resume_from = _prepare_run_dir(config, run_dir)  # only now that model and data are known to load
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
     steps_per_epoch = math.ceil(math.ceil(len(data.train) / config.train.batch_size) / config.train.grad_accum)
     total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * steps_per_epoch))
-    optimizer = build_optimizer(config.train.optim, (p for p in model.parameters() if p.requires_grad),
-                                config.train.lr, config.train.weight_decay, device)
+    hook = _training_hook(model, config, total_steps)
+    config = _with_options_the_hook_chose(config, hook)
+    spec = config.adapter
+    resume_from = _prepare_run_dir(config, run_dir)  # only now that model, data and hook are known to work
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    groups = parameter_groups(model, config.train.lr, config.train.weight_decay, config.train.loraplus_lr_ratio)
+    optimizer = build_optimizer(config.train.optim, groups, device)
     warmup = warmup_steps(config.train.warmup_steps, config.train.warmup_ratio, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config.train.scheduler, warmup, total_steps))
 
     summary: dict = {}
     state = TrainState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, spec, config.adapter.name, optimizer, scheduler)
+        state = load_checkpoint(resume_from, model, spec, config.adapter.name, optimizer, scheduler, hook)
         echo(f"resumed from {resume_from} at step {state.step}")
     elif data.test:
         with disable_adapters(model):
             summary["test_exact_match_before"] = _test_accuracy(model, tokenizer, data.test, config, device, echo,
                                                                 "before training")
 
-    trainer = _Loop(config, model, optimizer, scheduler, data, pad_id, device, spec, run_dir, total_steps, state)
+    trainer = _Loop(config, model, optimizer, scheduler, hook, data, pad_id, device, spec, run_dir, total_steps,
+                    state)
     interrupted = trainer.run(echo)
     summary.update(trainer.summary())
     if interrupted:
         echo(f"interrupted: checkpoint saved at step {state.step}; resume with train.resume_from_checkpoint=latest")
         return RunResult(run_dir, None, state.step, interrupted=True, summary=summary)
 
+    if hook is not None:
+        hook.finish()
     adapter_dir = save_adapter(model, run_dir / "adapter", spec, config.adapter.name, config.model.source)
     if data.test:
         summary["test_exact_match_after"] = _test_accuracy(model, tokenizer, data.test, config, device, echo,
@@ -109,23 +124,22 @@ def run_training(config: Config, echo=print) -> RunResult:
 
 
 def prepare_model(config: Config, device: torch.device):
-    """Load the base model, quantize it if asked, add the adapter and freeze the rest.
-
-    Returns ``(model, tokenizer, spec)``."""
-    quant = config.model.quantization
-    if quant is not None and quant.type == "gguf":
-        from loraforge.quant.quantize_model import COMPUTE_DTYPES, resolve_compute_dtype
-
-        compute = resolve_compute_dtype(COMPUTE_DTYPES[quant.compute_dtype], device)
-        model, tokenizer = load_model(config.model.source, {v: k for k, v in DTYPES.items()}[compute], native_gguf=True)
-    else:
-        model, tokenizer = load_model(config.model.source, config.model.dtype)
-        model = _quantize_if_asked(model, config)
-    model.to(device)
-    spec = adapter_spec(config)
-    add_adapter(model, spec, config.adapter.name)
+    """The base model as ``config.model`` says (``models.prepare.load_base``), the adapter added and the
+    rest frozen. Returns ``(model, tokenizer, spec)``."""
+    model, tokenizer = load_base(config.model, device)
+    add_adapter(model, config.adapter, config.adapter.name)
     mark_only_adapters_trainable(model)
-    return model, tokenizer, spec
+    return model, tokenizer, config.adapter
+
+
+def _training_hook(model: nn.Module, config: Config, total_steps: int) -> TrainingHook | None:
+    """The adapter method's part of the training loop (see the registry), or None when it has none.
+
+    Raises:
+        AdapterError: the method's options don't fit this run (AdaLoRA: a schedule longer than the run).
+    """
+    build = method(config.adapter.method).training_hook
+    return None if build is None else build(model, config.adapter.name, config.adapter.options, total_steps)
 
 
 def model_summary_line(config: Config, model: nn.Module) -> str:
@@ -142,21 +156,38 @@ def model_summary_line(config: Config, model: nn.Module) -> str:
     return line
 
 
-def adapter_spec(config: Config) -> AdapterSpec:
-    """The adapters package's spec from the config's ``adapter`` section (``name`` is not part of it)."""
-    fields = {f.name for f in dataclasses.fields(AdapterSpec)}
-    return AdapterSpec(**{k: v for k, v in dataclasses.asdict(config.adapter).items() if k in fields})
+def _with_options_the_hook_chose(config: Config, hook: TrainingHook | None) -> Config:
+    """``config`` with each null field of ``adapter.options`` that the hook holds a value for under the same
+    name (AdaLoRA's ``total_step``: the run's optimizer steps) set to that value, so that ``config.yaml``,
+    the checkpoints and the adapter file all say what the run used."""
+    options = config.adapter.options
+    if hook is None or not dataclasses.is_dataclass(options):
+        return config
+    chosen = {f.name: getattr(hook, f.name) for f in dataclasses.fields(options)
+              if getattr(options, f.name) is None and getattr(hook, f.name, None) is not None}
+    return _with_options(config, chosen)
 
 
-def _quantize_if_asked(model: nn.Module, config: Config) -> nn.Module:
-    quant = config.model.quantization
-    if quant is None:
-        return model
-    from loraforge.quant.quantize_model import quantize_model
+def _with_options_the_run_chose(config: Config, saved: Path) -> Config:
+    """For a resume: ``config`` with each null field of ``adapter.options`` set as in the run's ``saved``
+    config.yaml, where the run chose it (:func:`_with_options_the_hook_chose`). A resumed run, even one
+    extended by ``train.max_steps``, thus keeps the schedule it started with."""
+    import yaml
 
-    size = quant.block_size if quant.block_size is not None else quant.group_size
-    return quantize_model(model, bits=quant.bits, type=quant.type, double_quant=bool(quant.double_quant),
-                          block_size=size, compute_dtype=quant.compute_dtype)
+    options = config.adapter.options
+    if not saved.is_file() or not dataclasses.is_dataclass(options):
+        return config
+    before = (yaml.safe_load(saved.read_text()).get("adapter") or {}).get("options") or {}
+    chosen = {f.name: before[f.name] for f in dataclasses.fields(options)
+              if getattr(options, f.name) is None and before.get(f.name) is not None}
+    return _with_options(config, chosen)
+
+
+def _with_options(config: Config, values: dict) -> Config:
+    if not values:
+        return config
+    options = dataclasses.replace(config.adapter.options, **values)
+    return dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, options=options))
 
 
 def _build_data(config: Config, tokenizer):
@@ -245,9 +276,10 @@ def _changed_settings(config: Config, saved: Path, where: str) -> list[str]:
 class _Loop:
     """The optimisation loop: micro-batches from a stream that is a pure function of (seed, step)."""
 
-    def __init__(self, config: Config, model, optimizer, scheduler, data, pad_id, device, spec, run_dir,
-                 total_steps, state: TrainState):
+    def __init__(self, config: Config, model, optimizer, scheduler, hook: TrainingHook | None, data, pad_id, device,
+                 spec, run_dir, total_steps, state: TrainState):
         self.config, self.model, self.optimizer, self.scheduler = config, model, optimizer, scheduler
+        self.hook = hook
         self.data, self.pad_id, self.device, self.spec = data, pad_id, device, spec
         self.run_dir, self.total_steps, self.state = run_dir, total_steps, state
         self.train_seconds = 0.0
@@ -281,12 +313,12 @@ class _Loop:
             with _sigint_as_flag() as stop_requested:
                 while self.state.step < self.total_steps:
                     started = time.perf_counter()
-                    loss, tokens = self._step(autocast)
+                    loss, penalty, tokens = self._step(autocast)
                     self.train_seconds += time.perf_counter() - started
                     self.tokens_this_run += tokens
                     self.state.step += 1
                     self.state.tokens_seen += tokens
-                    self._after_step(log, loss, tokens)
+                    self._after_step(log, loss, penalty, tokens)
                     if stop_requested():
                         self._save()
                         return True
@@ -294,40 +326,49 @@ class _Loop:
             log.close()
         return False
 
-    def _step(self, autocast) -> tuple[float, int]:
+    def _step(self, autocast) -> tuple[float, float | None, int]:
+        """One optimizer step; returns (task loss, the hook's penalty or None, tokens)."""
         cfg = self.config.train
         indices = self.micro_batches(self.state.step)
         micro = [collate([self.data.train[i] for i in idx], self.pad_id) for idx in indices]
         label_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         tokens = sum(len(self.data.train[i].input_ids) for idx in indices for i in idx)
-        total = 0.0
+        total, penalty_total = 0.0, 0.0
         for batch in micro:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with autocast:
                 loss_sum, _ = summed_token_loss(self.model, batch)
             loss = loss_sum / max(label_count, 1)
-            if not torch.isfinite(loss):
+            # the penalty counts once per optimizer step: a share of it on each micro-batch
+            penalty = self.hook.loss() / len(micro) if self.hook is not None else None
+            objective = loss if penalty is None else loss + penalty
+            if not torch.isfinite(objective):
                 raise TrainingError(
-                    f"loss is {loss.item()} at step {self.state.step + 1}; stopping. The last good checkpoint "
+                    f"loss is {objective.item()} at step {self.state.step + 1}; stopping. The last good checkpoint "
                     f"(if any) is in {self.run_dir / 'checkpoints'}. Lower train.lr or check the data.")
-            loss.backward()
+            objective.backward()
             total += loss.item()
+            penalty_total += 0.0 if penalty is None else penalty.item()
         params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        if self.hook is not None:
+            self.hook.after_optimizer_step(self.state.step)  # reads this step's gradients
         self.optimizer.zero_grad(set_to_none=True)
-        return total, tokens
+        return total, None if self.hook is None else penalty_total, tokens
 
-    def _after_step(self, log: RunLog, loss: float, tokens: int) -> None:
+    def _after_step(self, log: RunLog, loss: float, penalty: float | None, tokens: int) -> None:
         cfg, step = self.config.train, self.state.step
         self.last_loss = loss
         tokens_per_s = self.tokens_this_run / max(self.train_seconds, 1e-9)
         lr = self.scheduler.get_last_lr()[0]
         log.progress(1, loss, lr, tokens_per_s)
         if step % cfg.logging_steps == 0 or step == self.total_steps:
-            log.log(step, {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "tokens_seen": self.state.tokens_seen})
+            extra = {} if penalty is None else {"penalty": penalty}
+            log.log(step, {"loss": loss, **extra, "lr": lr, "tokens_per_s": tokens_per_s,
+                           "tokens_seen": self.state.tokens_seen})
         if self.data.eval and (step == self.total_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
             self.last_eval = eval_loss(self.model, self.data.eval, cfg.batch_size, self.pad_id, self.device)
             log.log(step, self.last_eval)
@@ -336,7 +377,7 @@ class _Loop:
 
     def _save(self) -> None:
         save_checkpoint(self.run_dir, self.model, self.spec, self.config.adapter.name, self.config.model.source,
-                        self.optimizer, self.scheduler, self.state, self.config.train.save_total_limit)
+                        self.optimizer, self.scheduler, self.state, self.config.train.save_total_limit, self.hook)
 
     def summary(self) -> dict:
         return {
