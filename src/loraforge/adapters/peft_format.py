@@ -202,12 +202,28 @@ def load_adapter_weights(model: nn.Module, name: str, tensors: dict[str, torch.T
                     f"{tuple(current.shape)}; it was saved with another rank, method or base model")
         used.update(keys.values())
         planned.append((adapter, {suffix: tensors[key] for suffix, key in keys.items()}))
+    if planned:
+        used.update(_check_shared(planned[0][0], tensors, weights))
     extra = sorted(set(tensors) - used)
     if extra:
         raise AdapterFormatError(f"{weights}: holds {len(extra)} tensors that adapter {name!r} of this model lacks, "
                                  f"e.g. {extra[0]}; it was saved with other target modules or for another model")
     for adapter, adapter_tensors in planned:
         adapter.load_peft_tensors(adapter_tensors)
+
+
+def _check_shared(adapter: nn.Module, tensors: dict[str, torch.Tensor], weights: Path) -> list[str]:
+    """The model-level keys of ``tensors`` (VeRA's projections), checked against those ``adapter`` shares:
+    they are rebuilt with the adapter, so a file must hold the same ones."""
+    shared = method(adapter.method_name).shared
+    if shared is None:
+        return []
+    current = shared.tensors(shared.of_layer(adapter))
+    for key, tensor in current.items():
+        if key in tensors and not torch.equal(tensors[key].to(tensor), tensor):
+            raise AdapterFormatError(f"{weights}: {key} differs from this adapter's; it was saved with other "
+                                     "shared settings (projection_prng_key, r or target modules)")
+    return [key for key in shared.keys if key in tensors]
 
 
 def spec_from_peft_config(config: dict, source: str = "adapter_config.json") -> AdapterSpec:
