@@ -1,4 +1,5 @@
-"""Helpers for the serving tests: PEFT adapters with random weights, references, one-step logits."""
+"""Helpers for the serving tests: PEFT adapters with random weights, references, one-step logits, a server in
+a thread, and hooks that decide when engine steps run or fail."""
 
 import threading
 import time
@@ -82,13 +83,79 @@ def step_logits(engine, prompts):
     return [out[f"s{i}"] for i in range(len(prompts))]
 
 
-class ServerThread:
-    """Run an app from ``create_app`` with ``make_server`` on 127.0.0.1 (a free port) in a background thread."""
+class StepGate:
+    """Make ``engine``'s background loop step only when the test says: ``allow(n)`` lets ``n`` more steps
+    run, ``open()`` lets all run. It waits before a step, outside the engine lock, so the test can call
+    the engine (unload an adapter, read stats) while steps are held. Open it before the engine shuts down."""
 
-    def __init__(self, app):
+    def __init__(self, engine):
+        self._cv = threading.Condition()
+        self._permits = 0
+        self._open = False
+        self.steps = 0
+        step = engine.step
+
+        def gated_step():
+            with self._cv:
+                self._cv.wait_for(lambda: self._open or self._permits > 0)
+                if not self._open:
+                    self._permits -= 1
+            try:
+                return step()
+            finally:
+                with self._cv:
+                    self.steps += 1
+                    self._cv.notify_all()
+
+        engine.step = gated_step
+
+    def allow(self, n: int = 1) -> None:
+        with self._cv:
+            self._permits += n
+            self._cv.notify_all()
+
+    def open(self) -> None:
+        with self._cv:
+            self._open = True
+            self._cv.notify_all()
+
+    def wait_steps(self, n: int, timeout: float = 60) -> None:
+        """Block until ``n`` steps have run in all."""
+        with self._cv:
+            assert self._cv.wait_for(lambda: self.steps >= n, timeout), f"{self.steps} of {n} steps ran"
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+class FaultyForward:
+    """Make the model of ``engine`` raise ``InjectedFault`` in its next ``fail_next(n)`` forward passes."""
+
+    def __init__(self, engine):
+        self._failures = 0
+        forward = engine.runner.forward
+
+        def faulty_forward(batch, kv):
+            if self._failures:
+                self._failures -= 1
+                raise InjectedFault("injected fault")
+            return forward(batch, kv)
+
+        engine.runner.forward = faulty_forward
+
+    def fail_next(self, n: int = 1) -> None:
+        self._failures += n
+
+
+class ServerThread:
+    """Run an app from ``create_app`` with ``make_server`` on 127.0.0.1 (a free port) in a background thread;
+    ``server_options`` go to ``make_server``."""
+
+    def __init__(self, app, **server_options):
         from loraforge.serve.api import make_server
 
-        self.server = make_server(app, port=0, log_level="warning")
+        self.server = make_server(app, port=0, log_level="warning", **server_options)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = None
 
@@ -125,6 +192,19 @@ def http(method: str, url: str, body=None, headers=None, raw: bytes | None = Non
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
+
+
+def metric(url: str, name: str, key: str | None = None) -> float:
+    """The value of the unlabelled Prometheus metric ``name`` on ``url``/metrics."""
+    status, text = http("GET", url + "/metrics", headers={"Authorization": f"Bearer {key}"} if key else None)
+    assert status == 200, text
+    [value] = [line.split()[1] for line in text.splitlines() if line.split(" ")[0] == name]
+    return float(value)
+
+
+def events(response) -> list[str]:
+    """The rest of a server-sent event stream, one ``data: ...`` line per event, once the server has ended it."""
+    return [line.strip() for line in response.read().decode().splitlines() if line.strip()]
 
 
 def open_stream(url: str, path: str, body: dict, headers=None):

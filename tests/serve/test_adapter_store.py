@@ -11,6 +11,8 @@ from peft import IA3Config, get_peft_model
 from loraforge.adapters.peft_format import AdapterFormatError, read_adapter_dir
 from loraforge.models import tiny_model
 from loraforge.serve import Engine, Request
+from loraforge.serve.adapter_store import AdapterStore
+from loraforge.serve.memory_pool import PagePool
 
 from .helpers import greedy, save_peft_adapter
 
@@ -152,3 +154,15 @@ def test_a_request_waiting_for_room_is_overtaken_only_max_bypass_times(llama, to
     assert len(finished) == 10
     position = finished.index("big")
     assert position <= max_bypass + 1 if max_bypass < 10 else position == 9
+
+
+def test_adapters_load_into_a_pool_on_another_device(llama, adapter_dirs):
+    """Host weights reach the pool's device by ``copy_`` (a CPU tensor can't be an ``out=`` of a device op);
+    the meta device stands in for a GPU."""
+    host = Engine(llama, max_rank=64, pool_bytes=1 << 22)
+    pool = PagePool(host.pool.num_pages, host.pool.page_numel, host.pool.storage.dtype, "meta")
+    store = AdapterStore(pool, host.runner.targets, max_rank=64)
+    store.register("r16", *read_adapter_dir(adapter_dirs["r16"]))
+    adapter = store.acquire("r16")
+    assert {t.device.type for pair in adapter.views.values() for t in pair} == {"meta"}
+    assert len(adapter.views) == len(store.get("r16").modules) and pool.used("adapter") == adapter.num_pages

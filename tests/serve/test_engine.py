@@ -5,7 +5,9 @@ import asyncio
 import pytest
 import torch
 
+from loraforge.models import ModelSourceError
 from loraforge.serve import Engine, Request, RequestTooLargeError, SamplingParams, UnknownAdapterError
+from loraforge.serve.sampling import sample
 
 from .helpers import greedy, hf_logits, merged_model, step_logits
 
@@ -174,3 +176,39 @@ def test_stale_nan_bytes_in_the_pool_never_reach_attention(llama, tokenizer):
     dirty = Engine(llama, tokenizer, pool_bytes=1 << 22)
     dirty.pool.storage.fill_(float("nan"))
     assert [o.token_ids for o in dirty.generate(requests)] == [o.token_ids for o in clean]
+
+
+def test_extreme_temperature_and_top_p_sample_the_most_likely_token():
+    """Found by fuzzing the API: top_p=5e-324 rounds to 0 in float32 and dropped every token; a tiny
+    temperature overflowed the logits to inf. Both are as good as greedy."""
+    logits = torch.randn(3, 259, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(temperature=1e-300), SamplingParams(top_p=5e-324),
+              SamplingParams(temperature=1e-30, top_k=3, top_p=1e-9)]
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    assert sample(logits, params, generators) == logits.argmax(dim=-1).tolist()
+
+
+def test_output_is_detokenized_outside_the_engine_lock(llama, tokenizer):
+    """Stats, adapter management and new requests never wait for decoding text."""
+    engine = Engine(llama, tokenizer, pool_bytes=1 << 22)
+    locked = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def decode(self, ids, **kw):
+            locked.append(engine._lock._is_owned())
+            return tokenizer.decode(ids, **kw)
+
+    engine.tokenizer = Spy()
+    [out] = engine.generate([Request([104, 105], greedy(max_tokens=8, stop=["never"]))])
+    assert len(out.token_ids) == 8 and locked and not any(locked)
+
+
+def test_the_engine_puts_the_model_where_it_is_told(llama, tokenizer):
+    engine = Engine(llama, tokenizer, device="cpu", pool_bytes=1 << 22)
+    assert engine.runner.device.type == engine.pool.storage.device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelSourceError, match="0 CUDA device"):
+            Engine(llama, tokenizer, device="cuda", pool_bytes=1 << 22)

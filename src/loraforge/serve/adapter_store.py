@@ -255,10 +255,11 @@ class AdapterStore:
             a, b, scaling = adapter.modules[key]
             source = a if which == 0 else b
             view = storage[pages[page], offset : offset + source.numel()].view(source.shape)
-            if which == 0:
-                view.copy_(source)
-            else:
-                torch.mul(source.to(view.dtype), scaling, out=view)
+            # copy_ moves the host matrix to the pool's device and dtype; it blocks, because the host copy
+            # is pageable memory (non_blocking would gain nothing). B is then scaled in place, on the device.
+            view.copy_(source)
+            if which == 1:
+                view.mul_(scaling)
             views[key][which] = view
         adapter.pages = pages
         adapter.views = {key: (a.T, b.T) for key, (a, b) in views.items()}

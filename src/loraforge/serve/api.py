@@ -4,8 +4,10 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 sends server-sent events ending with ``data: [DONE]``), ``POST /v1/load_lora_adapter`` and
 ``/v1/unload_lora_adapter`` (named as in vLLM), ``GET /health`` and ``GET /metrics`` (Prometheus text).
 ``model`` picks the base model or an adapter by name. Errors use OpenAI's JSON shape
-``{"error": {"message", "type", "param", "code"}}``. When an API key is set, every ``/v1`` route needs
-``Authorization: Bearer <key>``.
+``{"error": {"message", "type", "param", "code"}}``. When an API key is set, every path but ``/health``
+needs ``Authorization: Bearer <key>`` (``/metrics`` too, unless ``metrics_public``). Request bodies
+and slow clients are bounded (``http_guard``). If a model step fails, the requests in it end with a
+500 error (an error event in a stream) and the others go on.
 
 Adapters loaded at run time must lie inside the adapter root (``--adapter-dir``); a path that
 leaves it, directly or through a symbolic link, is refused before anything is read.
@@ -14,7 +16,7 @@ leaves it, directly or through a symbolic link, is refused before anything is re
 from __future__ import annotations
 
 import asyncio
-import hmac
+import functools
 import json
 import logging
 import os
@@ -22,20 +24,31 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from loraforge.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError
 from loraforge.serve.engine import Delta, Engine, EngineConfig, Request
 from loraforge.serve.errors import EngineClosedError, RequestTooLargeError, UnknownAdapterError
+from loraforge.serve.http_errors import APIError
+from loraforge.serve.http_guard import (
+    BODY_TIMEOUT,
+    HEAD_TIMEOUT,
+    KEEP_ALIVE_TIMEOUT,
+    MAX_BODY_BYTES,
+    MAX_HEAD_BYTES,
+    HeadTimeoutH11Protocol,
+    RequestGuard,
+)
+from loraforge.serve.request_bodies import ChatBody, CompletionBody, LoadAdapterBody, SamplingFields, UnloadAdapterBody
 from loraforge.serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -44,123 +57,6 @@ API_KEY_ENV = "LORAFORGE_API_KEY"
 """Environment variable read for the API key when none is passed."""
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default ``max_tokens`` for ``/v1/completions``; chat defaults to as many as fit."""
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape with HTTP status ``status``."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-# request bodies -------------------------------------------------------------------------------------
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _SamplingFields(BaseModel):
-    """Fields shared by completions and chat. Types are strict: ``"0.5"`` is not a temperature."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    """Extension (as in vLLM): sample among the k most likely tokens; 0 = off."""
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    ignore_eos: bool = False
-    """Extension (as in vLLM): keep generating past the end-of-sequence token."""
-
-    def unsupported(self) -> list[tuple[str, str]]:
-        """(field, why) for each option set that the engine doesn't implement."""
-        problems = []
-        if self.n != 1:
-            problems.append(("n", "only n=1 is supported"))
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                problems.append((name, f"{name} is not supported (send 0 or leave it out)"))
-        if self.logit_bias:
-            problems.append(("logit_bias", "logit_bias is not supported"))
-        return problems
-
-
-class CompletionBody(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    suffix: str | None = None
-    logprobs: int | None = None
-    best_of: int | None = None
-
-    def unsupported(self) -> list[tuple[str, str]]:
-        problems = super().unsupported()
-        if self.echo:
-            problems.append(("echo", "echo is not supported"))
-        if self.suffix:
-            problems.append(("suffix", "suffix (insertion) is not supported"))
-        if self.logprobs is not None:
-            problems.append(("logprobs", "logprobs are not supported"))
-        if self.best_of not in (None, 1):
-            problems.append(("best_of", "only best_of=1 is supported"))
-        return problems
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-
-
-class ChatBody(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-
-    def unsupported(self) -> list[tuple[str, str]]:
-        problems = super().unsupported()
-        if self.logprobs:
-            problems.append(("logprobs", "logprobs are not supported"))
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                problems.append((name, f"{name} (function calling) are not supported"))
-        if self.response_format and self.response_format.get("type") != "text":
-            problems.append(("response_format", "only response_format {'type': 'text'} is supported"))
-        return problems
-
-
-class LoadAdapterBody(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
-
-
-class UnloadAdapterBody(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    lora_name: str = Field(min_length=1)
 
 
 # the app --------------------------------------------------------------------------------------------
@@ -172,13 +68,18 @@ def create_app(
     *,
     adapter_root: str | os.PathLike | None = None,
     api_key: str | None = None,
+    metrics_public: bool = False,
     shutdown_timeout: float = 10.0,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> FastAPI:
     """The HTTP app serving ``engine`` as ``model_name`` (its base model) plus every registered adapter.
 
     ``adapter_root``: the only folder ``/v1/load_lora_adapter`` may read from (None = run-time loading
-    off). ``api_key``: required as a bearer token on ``/v1`` routes when set. On shutdown, requests
-    still running after ``shutdown_timeout`` seconds end with an error.
+    off). ``api_key``: when set, required as a bearer token on every path but ``/health``, and
+    ``/metrics`` unless ``metrics_public``. On shutdown, requests still running after
+    ``shutdown_timeout`` seconds end with an error. A request body over ``max_body_bytes`` is answered
+    413, one that takes more than ``body_timeout`` seconds to arrive 408.
     """
     root = Path(adapter_root).resolve() if adapter_root is not None else None
     http_requests: Counter = Counter()
@@ -195,33 +96,34 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def _api_error(_request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return err.response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: HTTPRequest, err: HTTPException):  # FastAPI's own: no route, wrong method
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return APIError(err.status_code, message, headers=err.headers).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_request, err: Exception):
         log.exception("unexpected error answering a request")
-        return JSONResponse(APIError(500, f"internal error: {err}", type_="server_error").body(), status_code=500)
+        return APIError(500, f"internal error: {err}").response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(_request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
         param = ".".join(str(p) for p in first["loc"][1:]) or None
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors()[:5])
-        return JSONResponse(APIError(400, message or "invalid request", param=param).body(), status_code=400)
+        return APIError(400, message or "invalid request", param=param).response()
 
-    @app.middleware("http")
+    open_paths = frozenset({"/health", "/metrics"} if metrics_public else {"/health"})
+    app.add_middleware(RequestGuard, api_key=api_key, open_paths=open_paths, max_body_bytes=max_body_bytes,
+                       body_timeout=body_timeout)
+
+    @app.middleware("http")  # outside the guard, so that what it refuses is counted too
     async def _count(request: HTTPRequest, call_next):
         response = await call_next(request)
-        route = request.scope.get("route")  # the route's template, so that odd URLs can't add label values
-        http_requests[(getattr(route, "path", "unmatched"), response.status_code)] += 1
+        http_requests[(_route_template(app, request.scope), response.status_code)] += 1
         return response
-
-    async def check_key(request: HTTPRequest) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
     def adapter_of(model: str) -> str | None:
         if model == model_name:
@@ -231,13 +133,11 @@ def create_app(
                            code="model_not_found")
         return model
 
-    v1 = [Depends(check_key)]
-
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name}
 
-    @app.get("/v1/models", dependencies=v1)
+    @app.get("/v1/models")
     async def models():
         created = int(time.time())
         names = await run_in_threadpool(lambda: engine.adapter_names)
@@ -247,15 +147,14 @@ def create_app(
             for name in names
         ]}
 
-    @app.post("/v1/completions", dependencies=v1)
+    @app.post("/v1/completions")
     async def completions(body: CompletionBody):
         adapter = adapter_of(body.model)
         prompts = _prompts(body.prompt)
         params = _sampling(body, body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS)
-        streams = _start(engine, [Request(p, params, adapter) for p in prompts])
-        return await _respond(body, streams, "text_completion", "cmpl")
+        return await _respond(engine, body, [Request(p, params, adapter) for p in prompts], "text_completion", "cmpl")
 
-    @app.post("/v1/chat/completions", dependencies=v1)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody):
         adapter = adapter_of(body.model)
         if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
@@ -264,10 +163,10 @@ def create_app(
         text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        streams = _start(engine, [Request(prompt_ids, _sampling(body, max_tokens), adapter)])
-        return await _respond(body, streams, "chat.completion", "chatcmpl")
+        request = Request(prompt_ids, _sampling(body, max_tokens), adapter)
+        return await _respond(engine, body, [request], "chat.completion", "chatcmpl")
 
-    @app.post("/v1/load_lora_adapter", dependencies=v1)
+    @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadAdapterBody):
         if body.lora_name == model_name:
             raise APIError(400, f"{body.lora_name!r} is the base model's name", param="lora_name")
@@ -280,7 +179,7 @@ def create_app(
             raise APIError(400, str(err), param="lora_path") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter", dependencies=v1)
+    @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadAdapterBody):
         try:
             await run_in_threadpool(engine.unregister_adapter, body.lora_name)
@@ -314,7 +213,7 @@ def _text(content) -> str:
     return "".join(part.text for part in content)
 
 
-def _sampling(body: _SamplingFields, max_tokens: int | None) -> SamplingParams:
+def _sampling(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
     problems = body.unsupported()
     if problems:
         raise APIError(400, "; ".join(why for _, why in problems), param=problems[0][0])
@@ -343,18 +242,25 @@ def _start(engine: Engine, requests: list[Request]) -> list[AsyncIterator[Delta]
     except RequestTooLargeError as err:
         raise APIError(400, str(err), param="max_tokens" if "max_tokens" in str(err) else "messages", code="context_length_exceeded") from None
     except EngineClosedError as err:
-        raise APIError(503, str(err), type_="server_error") from None
+        raise APIError(503, str(err)) from None
     except ValueError as err:
         raise APIError(400, str(err)) from None
 
 
-async def _respond(body: _SamplingFields, streams: list[AsyncIterator[Delta]], kind: str, prefix: str):
+async def _respond(engine: Engine, body: SamplingFields, requests: list[Request], kind: str, prefix: str):
     ident = f"{prefix}-{uuid.uuid4().hex}"
+    for index, request in enumerate(requests):
+        request.request_id = f"{ident}-{index}"
+    streams = _start(engine, requests)
     created = int(time.time())
     chat = kind == "chat.completion"
     if body.stream:
+        def abort_all() -> None:
+            for request in requests:
+                engine.abort(request.request_id)
+
         usage = body.stream_options is not None and body.stream_options.include_usage
-        events = _sse(streams, ident, created, body.model, chat, usage)
+        events = _sse(streams, abort_all, ident, created, body.model, chat, usage)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     finals = await asyncio.gather(*(_collect(s) for s in streams))
     choices = []
@@ -379,9 +285,9 @@ async def _collect(stream: AsyncIterator[Delta]) -> tuple[str, Delta]:
 
 def _raise_if_failed(last: Delta) -> None:
     if last.finish_reason == "abort":
-        raise APIError(503, last.error or "the request was aborted", type_="server_error")
+        raise APIError(503, last.error or "the request was aborted")
     if last.finish_reason == "error":
-        raise APIError(500, last.error or "the engine failed", type_="server_error")
+        raise APIError(500, last.error or "the engine failed")
 
 
 def _usage(lasts: list[Delta]) -> dict:
@@ -390,8 +296,10 @@ def _usage(lasts: list[Delta]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _sse(streams, ident: str, created: int, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format; several prompts interleave by choice index."""
+async def _sse(streams, abort_all: Callable[[], None], ident: str, created: int, model: str, chat: bool,
+               include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; several prompts interleave by choice index. However the
+    events end (the last one sent, an error, the client gone), ``abort_all`` stops what still runs."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(index: int, text: str | None, finish_reason: str | None, role: bool = False) -> str:
@@ -425,8 +333,8 @@ async def _sse(streams, ident: str, created: int, model: str, chat: bool, includ
                 open_streams -= 1
                 continue
             if delta.finish_reason in ("abort", "error"):
-                yield _event(APIError(503 if delta.finish_reason == "abort" else 500, delta.error or "the request failed",
-                                      type_="server_error").body())
+                status = 503 if delta.finish_reason == "abort" else 500
+                yield _event(APIError(status, delta.error or "the request failed").body())
                 return
             if delta.text:
                 yield chunk(index, delta.text, None)
@@ -436,11 +344,10 @@ async def _sse(streams, ident: str, created: int, model: str, chat: bool, includ
         if include_usage:
             yield _event({"id": ident, "object": kind, "created": created, "model": model, "choices": [], "usage": _usage(lasts)})
         yield "data: [DONE]\n\n"
-    finally:
+    finally:  # no awaiting here: when the client has gone, this runs in a cancelled scope
         for task in tasks:
             task.cancel()
-        for stream in streams:
-            await stream.aclose()
+        abort_all()
 
 
 def _event(payload: dict) -> str:
@@ -451,11 +358,21 @@ def _inside_root(root: Path | None, path: str) -> Path:
     """``path`` (absolute, or relative to ``root``) resolved, if it and its adapter files stay inside ``root``."""
     if root is None:
         raise APIError(400, "loading adapters at run time is off: start the server with --adapter-dir DIR", param="lora_path")
-    resolved = (root / path).resolve()
-    inside = [resolved] + [(resolved / name).resolve() for name in (CONFIG_NAME, WEIGHTS_NAME)]
+    try:
+        resolved = (root / path).resolve()
+        inside = [resolved] + [(resolved / name).resolve() for name in (CONFIG_NAME, WEIGHTS_NAME)]
+    except (ValueError, OSError) as err:  # a NUL byte, a symlink loop, ...
+        raise APIError(400, f"lora_path {path!r} is not a usable path: {err}", param="lora_path") from None
     if not all(p == root or p.is_relative_to(root) for p in inside):
         raise APIError(400, f"lora_path {path!r} is outside the adapter root {str(root)!r}", param="lora_path")
     return resolved
+
+
+def _route_template(app: FastAPI, scope) -> str:
+    """The path template of the route a request went to (or would have, when refused before routing), so
+    that odd URLs can't add label values."""
+    route = scope.get("route") or next((r for r in app.router.routes if r.matches(scope)[0] is Match.FULL), None)
+    return getattr(route, "path", "unmatched")
 
 
 def _prometheus(stats, http_requests: Counter) -> str:
@@ -473,6 +390,7 @@ def _prometheus(stats, http_requests: Counter) -> str:
         ("loraforge_pool_kv_pages", "gauge", "Pool pages holding KV-cache blocks.", stats.kv_pages),
         ("loraforge_pool_adapter_pages", "gauge", "Pool pages holding adapter weights.", stats.adapter_pages),
         ("loraforge_pool_free_pages", "gauge", "Free pool pages.", stats.free_pages),
+        ("loraforge_pool_free_bytes", "gauge", "Free bytes in the memory pool.", stats.free_pages * stats.page_bytes),
     ]
     lines = []
     for name, kind, help_, value in metrics:
@@ -487,8 +405,10 @@ def _prometheus(stats, http_requests: Counter) -> str:
 # the server -----------------------------------------------------------------------------------------
 
 
-def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
-    """A uvicorn server for an app from ``create_app`` that shuts down gracefully (see ``GracefulServer``)."""
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", *,
+                head_timeout: float = HEAD_TIMEOUT):
+    """A uvicorn server for an app from ``create_app`` that shuts down gracefully (see ``GracefulServer``)
+    and closes connections that send no request head within ``head_timeout`` seconds (``http_guard``)."""
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
@@ -501,6 +421,8 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_lev
             await super().shutdown(sockets)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            http=functools.partial(HeadTimeoutH11Protocol, head_timeout=head_timeout),
+                            timeout_keep_alive=KEEP_ALIVE_TIMEOUT, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
                             timeout_graceful_shutdown=int(app.state.shutdown_timeout) + 5)
     return GracefulServer(config)
 
@@ -530,6 +452,8 @@ def run_server(
     api_key: str | None = None,
     pool_bytes: int = EngineConfig.pool_bytes,
     *,
+    device: str | None = None,
+    metrics_public: bool = False,
     max_rank: int = EngineConfig.max_rank,
     max_num_seqs: int = EngineConfig.max_num_seqs,
     model_name: str | None = None,
@@ -541,8 +465,10 @@ def run_server(
     ``adapter_dir``, and serve the OpenAI-compatible API on ``host:port`` until interrupted.
 
     ``api_key`` falls back to the ``LORAFORGE_API_KEY`` environment variable; no key means no auth.
-    ``adapter_dir`` is also the root that ``/v1/load_lora_adapter`` may load from. ``threads`` sets
-    torch's thread count (None: torch's default). Raises ``ValueError`` for an adapter name given twice.
+    ``metrics_public`` opens ``/metrics`` to callers without the key. ``adapter_dir`` is also the root
+    that ``/v1/load_lora_adapter`` may load from. ``device``: where the model runs (``cpu``, ``cuda``,
+    ``cuda:N``; None: CUDA when visible, else the CPU). ``threads`` sets torch's thread count (None:
+    torch's default). Raises ``ValueError`` for an adapter name given twice.
     """
     import torch
 
@@ -556,9 +482,10 @@ def run_server(
     if both:
         raise ValueError(f"adapter names given by --adapter and found in --adapter-dir: {both}; rename one")
     model, tokenizer = load_model(model_source)
-    engine = Engine(model, tokenizer, adapters={**found, **(adapters or {})}, pool_bytes=pool_bytes,
+    engine = Engine(model, tokenizer, device=device, adapters={**found, **(adapters or {})}, pool_bytes=pool_bytes,
                     max_rank=max_rank, max_num_seqs=max_num_seqs)
     name = model_name or served_name(model_source)
-    app = create_app(engine, name, adapter_root=adapter_dir, api_key=api_key, shutdown_timeout=shutdown_timeout)
+    app = create_app(engine, name, adapter_root=adapter_dir, api_key=api_key, metrics_public=metrics_public,
+                     shutdown_timeout=shutdown_timeout)
     log.info("serving %s with adapters %s on http://%s:%d", name, engine.adapter_names, host, port)
     make_server(app, host, port, log_level).run()

@@ -8,6 +8,9 @@
 starts the background loop (``start``), which steps whenever there is work. Every public method is
 thread-safe. ``submit``, ``stream`` and ``abort`` hand their work in without waiting; adapter
 management and ``stats`` wait for the step in progress to end.
+
+A step holds the engine lock only to schedule, run the model and sample. Its output is detokenized
+and delivered after the lock is released, in order, one token's worth of decoding per request.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import itertools
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence as Seq
 from dataclasses import dataclass, field, fields, replace
 
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from loraforge.adapters.peft_format import read_adapter_dir
+from loraforge.models.device import resolve_device
 from loraforge.serve.adapter_store import AdapterStore
 from loraforge.serve.errors import EngineClosedError, RequestTooLargeError, UnknownAdapterError
 from loraforge.serve.memory_pool import PagePool
@@ -52,6 +57,8 @@ class EngineConfig:
     """Token budget of one step (decodes count one each); the first prefill of a step may exceed it."""
     max_bypass: int = 32
     """How many later requests may be admitted ahead of a waiting one before it blocks admission."""
+    max_lookahead: int = 256
+    """Most waiting requests admission looks at per step, from the front of the queue."""
 
     def __post_init__(self):
         problems = [
@@ -162,14 +169,15 @@ class _Live:
     handle: RequestHandle
     generator: torch.Generator | None
     text: TextStream | None
-    pending: list[int] = field(default_factory=list)
+    """Touched only while delivering output (under ``_deliver_lock``)."""
 
 
 class Engine:
     """Serve ``model`` (a loaded Llama-family HF causal LM) with many LoRA adapters; see the module docstring.
 
-    ``adapters`` maps names to PEFT adapter directories to register at start. ``settings`` are
-    ``EngineConfig`` fields (``pool_bytes``, ``max_rank``, ...).
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``; None: CUDA when visible, else the CPU) is where the model
+    is moved and the memory pool allocated. ``adapters`` maps names to PEFT adapter directories to
+    register at start. ``settings`` are ``EngineConfig`` fields (``pool_bytes``, ``max_rank``, ...).
     """
 
     def __init__(
@@ -177,12 +185,13 @@ class Engine:
         model: nn.Module,
         tokenizer=None,
         *,
+        device: str | torch.device | None = None,
         adapters: Mapping[str, str | os.PathLike] | None = None,
         config: EngineConfig | None = None,
         **settings,
     ):
         self.config = replace(config or EngineConfig(), **settings)
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model.to(resolve_device(None if device is None else str(device))))
         self.tokenizer = tokenizer
         self.block_size = self.config.block_size or _auto_block_size(self.runner, self.config.max_rank)
         page_numel = kv_page_numel(self.runner.num_layers, self.runner.num_kv_heads, self.runner.head_dim, self.block_size)
@@ -196,13 +205,17 @@ class Engine:
         self.kv = PagedKVCache(self.pool, self.runner.num_layers, self.runner.num_kv_heads, self.runner.head_dim, self.block_size)
         self.store = AdapterStore(self.pool, self.runner.targets, self.config.max_rank)
         self.scheduler = Scheduler(
-            self.kv, self.store, self.config.max_num_seqs, self.config.max_batch_tokens, self.config.max_bypass
+            self.kv, self.store, self.config.max_num_seqs, self.config.max_batch_tokens, self.config.max_bypass,
+            self.config.max_lookahead,
         )
         self.eos_ids = _eos_ids(model, tokenizer)
         self._lock = threading.RLock()
         """Guards the engine state (scheduler, pool, adapter store, ``_live``); a step holds it throughout."""
         self._live: dict[str, _Live] = {}
-        self._outbox: list[tuple[RequestHandle, Delta]] = []
+        self._outbox: deque[tuple[_Live, Delta]] = deque()
+        """Deltas in the order they happened, appended under ``_lock``, delivered by ``_flush``."""
+        self._deliver_lock = threading.RLock()
+        """Held while delivering, so that deltas reach their requests in order. Never taken under ``_lock``."""
         self._inbox_cv = threading.Condition()
         """Guards what callers hand in without waiting for a step (``_inbox``, ``_aborts``, ``_ids``,
         ``_closing``), and wakes the loop. Taken after ``_lock`` when both are needed, never before."""
@@ -388,7 +401,11 @@ class Engine:
                 self._flush()
 
     def step(self) -> bool:
-        """Run one engine step; returns False when there was nothing to do."""
+        """Run one engine step; returns False when there was nothing to do.
+
+        If the model (or sampling) raises, the requests of this step end with finish reason ``error``
+        and the engine goes on serving the others.
+        """
         with self._lock:
             self._take_inbox()
             plan = self.scheduler.schedule()
@@ -401,7 +418,8 @@ class Engine:
                 except Exception as err:  # a failed step must not take other requests or the loop down
                     log.exception("engine step failed")
                     for seq in seqs:
-                        self._finish(self._live[seq.request_id], "error", error=f"engine step failed: {err}")
+                        if seq.request_id in self._live:
+                            self._finish(self._live[seq.request_id], "error", error=f"engine step failed: {err}")
         self._flush()
         return bool(seqs or plan.finished)
 
@@ -420,19 +438,17 @@ class Engine:
             self._advance(live, token)
 
     def _advance(self, live: _Live, token: int) -> None:
-        """Account for one new token: stream its text, and end the request if it should stop."""
+        """Account for one new token, and end the request on a stop token or at its length.
+
+        Stop strings are found later, while delivering (``_flush``), which ends the request then.
+        """
         seq, params = live.seq, live.seq.params
-        live.pending.append(token)
-        text, hit_stop_string = live.text.push(seq.output_ids) if live.text is not None else ("", False)
         stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_ids)
-        if hit_stop_string:
-            self._finish(live, "stop", text=text)
-        elif stop_token or len(seq.output_ids) >= seq.max_tokens:
-            if live.text is not None:
-                text += live.text.flush(seq.output_ids)
-            self._finish(live, "stop" if stop_token else "length", text=text)
+        if stop_token or len(seq.output_ids) >= seq.max_tokens:
+            self._retire(live)
+            self._emit(live, [token], "stop" if stop_token else "length")
         else:
-            self._emit(live, text)
+            self._emit(live, [token])
 
     # bookkeeping ----------------------------------------------------------------------------------
 
@@ -508,31 +524,60 @@ class Engine:
             if request_id in self._live:
                 self._finish(self._live[request_id], "abort")
 
-    def _emit(self, live: _Live, text: str, finish_reason: str | None = None, error: str | None = None) -> None:
+    def _emit(self, live: _Live, token_ids: list[int], finish_reason: str | None = None, error: str | None = None) -> None:
+        """Queue a delta (its text is filled in on delivery); under ``_lock``."""
         seq = live.seq
-        delta = Delta(seq.request_id, live.pending, text, finish_reason, error, len(seq.prompt_ids), len(seq.output_ids))
-        live.pending = []
-        self._outbox.append((live.handle, delta))
+        delta = Delta(seq.request_id, token_ids, "", finish_reason, error, len(seq.prompt_ids), len(seq.output_ids))
+        self._outbox.append((live, delta))
 
-    def _finish(self, live: _Live, reason: str, text: str = "", error: str | None = None) -> None:
+    def _finish(self, live: _Live, reason: str, error: str | None = None) -> None:
+        self._retire(live)
+        self._emit(live, [], reason, error)
+
+    def _retire(self, live: _Live) -> None:
+        """Take a request out of the engine and give back its pages (under ``_lock``); no-op if already out."""
+        if self._live.get(live.seq.request_id) is not live:
+            return
         self.scheduler.free(live.seq)
         del self._live[live.seq.request_id]
         with self._inbox_cv:
             self._ids.discard(live.seq.request_id)
         self._counters["requests_finished"] += 1
-        self._emit(live, text, reason, error)
 
     def _flush(self) -> None:
-        """Deliver queued deltas outside the lock, so sinks never run while the engine is locked."""
-        with self._lock:
-            outbox, self._outbox = self._outbox, []
-        for handle, delta in outbox:
-            try:
-                handle._deliver(delta)
-            except Exception:  # a broken sink (say, a closed event loop) must not stop the engine
-                log.exception("delivering output of request %s failed; aborting it", handle.request_id)
-                if delta.finish_reason is None:
-                    self.abort(handle.request_id)
+        """Detokenize and deliver the queued deltas, in order, outside ``_lock`` (sinks never run while the
+        engine is locked). A request is over at its first final delta; later deltas of it are dropped."""
+        with self._deliver_lock:
+            while self._outbox:
+                live, delta = self._outbox.popleft()
+                if live.handle.done:
+                    continue
+                try:
+                    self._add_text(live, delta)
+                except Exception as err:  # a tokenizer failure ends this request, not the engine
+                    log.exception("detokenizing the output of request %s failed", delta.request_id)
+                    delta.text, delta.finish_reason, delta.error = "", "error", f"detokenizing the output failed: {err}"
+                if delta.finish_reason is not None and self._live.get(delta.request_id) is live:
+                    with self._lock:  # ended by a stop string or the tokenizer: free it before anyone hears
+                        self._retire(live)
+                try:
+                    live.handle._deliver(delta)
+                except Exception:  # a broken sink (say, a closed event loop) must not stop the engine
+                    log.exception("delivering output of request %s failed; aborting it", delta.request_id)
+                    if delta.finish_reason is None:
+                        self.abort(delta.request_id)
+
+    def _add_text(self, live: _Live, delta: Delta) -> None:
+        """Set ``delta.text`` from its new tokens; a stop string in it makes it final (``stop``)."""
+        if live.text is None or delta.finish_reason in ("abort", "error"):
+            return
+        text, stopped = live.text.push(delta.token_ids)
+        if delta.finish_reason is not None and not stopped:
+            rest, stopped = live.text.flush()
+            text += rest
+        delta.text = text
+        if stopped:
+            delta.finish_reason = "stop"
 
 
 def _auto_block_size(runner: ModelRunner, max_rank: int) -> int:

@@ -47,6 +47,8 @@ class SamplingParams:
             problems.append(f"max_tokens={self.max_tokens!r} must be an integer >= 1, or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append(f"stop={self.stop!r} must hold non-empty strings")
+        if self.seed is not None and not (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64):
+            problems.append(f"seed={self.seed!r} must be an integer in [-2**63, 2**64), or None")
         if problems:
             raise ValueError("invalid sampling parameters: " + "; ".join(problems))
 
@@ -73,7 +75,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        row = logits[i] / p.temperature
+        # float64, so that a tiny temperature or top_p doesn't round to 0; shifted to <= 0, so it can't overflow.
+        row = (logits[i].double() - logits[i].max()) / p.temperature
         if p.top_k:
             kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))

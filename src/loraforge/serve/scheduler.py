@@ -7,12 +7,17 @@ Then waiting sequences are admitted in arrival order while their adapter and pro
 that doesn't fit may be overtaken by ones that do (their adapter is resident, or they need none),
 but only ``max_bypass`` times: after that nobody is admitted ahead of it, so running sequences
 finish, free their pages, and it gets in. No allocation ever exceeds the pool.
+
+Admission looks at no more than the first ``max_lookahead`` waiting sequences, and stops as soon as
+the batch, the token budget or the pool is full: a step costs the same with ten or ten thousand
+requests queued.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 
@@ -55,20 +60,23 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, kv: PagedKVCache, store: AdapterStore, max_num_seqs: int, max_batch_tokens: int, max_bypass: int):
+    def __init__(self, kv: PagedKVCache, store: AdapterStore, max_num_seqs: int, max_batch_tokens: int, max_bypass: int,
+                 max_lookahead: int):
         self.kv = kv
         self.store = store
         self.pool = kv.pool
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
         self.max_bypass = max_bypass
-        self.waiting: deque[Sequence] = deque()
+        self.max_lookahead = max_lookahead
+        self.waiting: OrderedDict[str, Sequence] = OrderedDict()
+        """By request id, in admission order (preempted sequences go first); removal anywhere is O(1)."""
         self.running: list[Sequence] = []
         """In admission order: the oldest first, the next to be preempted last."""
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.waiting[seq.request_id] = seq
 
     @property
     def has_work(self) -> bool:
@@ -82,10 +90,10 @@ class Scheduler:
 
     def free(self, seq: Sequence) -> None:
         """Take ``seq`` out of the scheduler wherever it is and give back its pages and adapter."""
-        if seq in self.running:
+        if self.waiting.get(seq.request_id) is seq:
+            del self.waiting[seq.request_id]
+        elif seq in self.running:
             self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
         self._release(seq)
 
     def _grow_running(self) -> list[Sequence]:
@@ -109,12 +117,13 @@ class Scheduler:
 
     def _admit(self, budget: int) -> list[Sequence]:
         admitted: list[Sequence] = []
-        head = self.waiting[0] if self.waiting else None
+        candidates = list(islice(self.waiting.values(), self.max_lookahead))
+        head = candidates[0] if candidates else None
         head_waiting = head is not None
         reclaimable = self.pool.num_free + self.store.evictable_pages()
-        for seq in list(self.waiting):
-            if len(self.running) >= self.max_num_seqs:
-                break
+        for seq in candidates:
+            if len(self.running) >= self.max_num_seqs or reclaimable == 0 or (admitted and budget <= 0):
+                break  # every sequence needs a slot in the batch, a KV page and a token of budget
             if seq is not head and head_waiting and head.bypassed >= self.max_bypass:
                 break
             num_tokens = len(seq.tokens)
@@ -128,7 +137,7 @@ class Scheduler:
                 seq.adapter = self.store.acquire(seq.adapter_name)
             seq.block_table = self.pool.allocate(kv_pages, "kv")
             seq.num_cached = 0
-            self.waiting.remove(seq)
+            del self.waiting[seq.request_id]
             self.running.append(seq)
             admitted.append(seq)
             budget -= num_tokens
@@ -148,7 +157,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._release(seq)
-        self.waiting.appendleft(seq)
+        self.waiting[seq.request_id] = seq
+        self.waiting.move_to_end(seq.request_id, last=False)
         self.num_preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
