@@ -29,8 +29,8 @@ def make_weights(ranks, n_in, n_out, seed=0):
 
 
 def pairs(weights):
-    """The op's weight views: ``(A.T, B.T)``."""
-    return [None if w is None else (w[0].T, w[1].T) for w in weights]
+    """The op's weight views: ``(A.T, B.T, no row scale)``."""
+    return [None if w is None else (w[0].T, w[1].T, None) for w in weights]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -63,3 +63,23 @@ def test_all_tokens_without_adapter_leave_output_unchanged():
     y0 = torch.randn(4, 3)
     y = add_lora(y0.clone(), torch.randn(4, 2), Segments.from_token_slots(torch.full((4,), -1)), pairs(make_weights([2], 2, 3)))
     assert torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("slots", [[0, 0, 1, 1, -1, 2], [1, 0, -1, 2, 0, 1]], ids=["runs", "unsorted"])
+def test_a_row_scale_rescales_the_unbiased_base_output(slots):
+    """DoRA's form: a slot with a row scale m gets ``b + m ⊙ (y − b) + B A x``; the others plain LoRA."""
+    g = torch.Generator().manual_seed(4)
+    weights = make_weights([2, 3, 4], 6, 5)
+    scales = [torch.rand(5, generator=g) + 0.5, None, torch.rand(5, generator=g) + 0.5]
+    bias = torch.randn(5, generator=g)
+    x, y0 = torch.randn(6, 6, generator=g), torch.randn(6, 5, generator=g)
+    views = [(a.T, b.T, m) for (a, b), m in zip(weights, scales)]
+    y = add_lora(y0.clone(), x, Segments.from_token_slots(torch.tensor(slots)), views, bias)
+    for t, slot in enumerate(slots):
+        expected = y0[t].clone()
+        if slot >= 0:
+            a, b = weights[slot]
+            if scales[slot] is not None:
+                expected = bias + scales[slot] * (y0[t] - bias)
+            expected = expected + b @ (a @ x[t])
+        assert torch.allclose(y[t], expected, atol=1e-5), t

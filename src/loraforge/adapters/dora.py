@@ -43,6 +43,10 @@ class DoraAdapter(LoraAdapter):
         lora_result = self.lora_out(x_in)
         return ((scale - 1) * base_result.to(scale.dtype) + scale * lora_result).to(base_out.dtype)
 
+    def row_scale(self, base: nn.Module) -> torch.Tensor:
+        """``(out,)`` for serving: with ``low_rank``'s pair, ``delta = (row_scale − 1) ⊙ W x + row_scale ⊙ s·B A x``."""
+        return self.magnitude_scale(base).detach()
+
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         weight = dense_weight(base, self.lora_A.dtype)
         merged = self.magnitude_scale(base)[:, None] * (weight + self.lora_weight())

@@ -89,6 +89,10 @@ class LoraAdapter(nn.Module):
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return self.lora_weight()
 
+    def low_rank(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The update as a plain pair for serving: ``delta(x) = scale · x Aᵀ Bᵀ``."""
+        return self.lora_A.detach(), self.lora_B.detach(), self.scaling
+
     def merge(self, base: nn.Module) -> None:
         weight = _dense_param(base)
         weight.data += self.lora_weight().detach().to(weight.dtype)

@@ -183,12 +183,22 @@ def load_adapter_weights(model: nn.Module, name: str, tensors: dict[str, torch.T
         AdapterFormatError: ``tensors`` lacks a tensor of the adapter, has one it doesn't, or has a
             shape it can't take; the message names the file and the key.
     """
+    adapters = {path: layer.adapters[name] for path, layer in adapted_layers(model).items() if name in layer.adapters}
     weights = Path(source) / WEIGHTS_NAME
+    for adapter, adapter_tensors in check_adapter_tensors(adapters, tensors, tensors, weights, name):
+        adapter.load_peft_tensors(adapter_tensors)
+
+
+def check_adapter_tensors(adapters: dict[str, nn.Module], tensors: dict[str, torch.Tensor],
+                          everything: dict[str, torch.Tensor], weights: Path, name: str
+                          ) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    """Match a file's PEFT-keyed ``tensors`` to ``adapters`` (module path -> one layer's adapter), every key
+    and shape checked, and the file's model-level tensors (in ``everything``) against the shared ones.
+
+    Returns ``(adapter, {suffix: tensor})`` pairs to load. Raises ``AdapterFormatError`` naming the file and key.
+    """
     planned, used = [], set()
-    for module_path, layer in adapted_layers(model).items():
-        if name not in layer.adapters:
-            continue
-        adapter = layer.adapters[name]
+    for module_path, adapter in adapters.items():
         keys = {suffix: f"{PREFIX}{module_path}.{suffix}" for suffix in adapter.peft_tensors()}
         missing = [key for key in keys.values() if key not in tensors]
         if missing:
@@ -203,13 +213,12 @@ def load_adapter_weights(model: nn.Module, name: str, tensors: dict[str, torch.T
         used.update(keys.values())
         planned.append((adapter, {suffix: tensors[key] for suffix, key in keys.items()}))
     if planned:
-        used.update(_check_shared(planned[0][0], tensors, weights))
-    extra = sorted(set(tensors) - used)
+        used.update(_check_shared(planned[0][0], everything, weights))
+    extra = sorted(set(everything) - used)
     if extra:
         raise AdapterFormatError(f"{weights}: holds {len(extra)} tensors that adapter {name!r} of this model lacks, "
                                  f"e.g. {extra[0]}; it was saved with other target modules or for another model")
-    for adapter, adapter_tensors in planned:
-        adapter.load_peft_tensors(adapter_tensors)
+    return planned
 
 
 def _check_shared(adapter: nn.Module, tensors: dict[str, torch.Tensor], weights: Path) -> list[str]:

@@ -63,6 +63,12 @@ class QALoraAdapter(nn.Module):
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return self.group_delta().repeat_interleave(self.group_size, dim=1)
 
+    def low_rank(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The exact plain pair for serving: pooling is linear, ``pool(x) = x Pᵀ`` with P ``(n, in)`` holding
+        ``n/G`` on each group, so A' = A P ``(r, in)`` (each group's column repeated, times n/G)."""
+        a = self.lora_A.detach().repeat_interleave(self.group_size, dim=1) * (self.n_groups / self.group_size)
+        return a, self.lora_B.detach(), self.scaling
+
     def merge(self, base: nn.Module) -> None:
         """Fold into the base's per-group min terms; the base stays quantized (a Q4_0 base becomes Q4_1)."""
         self._unmerged = (base.qweight,)

@@ -1,31 +1,29 @@
-"""Registered LoRA adapters: all of them in host memory, the ones in use resident in the page pool.
+"""Registered adapters: all of them in host memory, the ones in use resident in the page pool.
 
-Residency is a cache: an adapter that requests need is copied into pool pages (its ``B`` multiplied
-by the scaling on the way), stays there while idle, and is evicted least-recently-used when the
-pool needs its pages, for KV blocks or for another adapter. An adapter in use by a running request
-(``refs > 0``) or pinned is never evicted.
+Every method of the adapter registry is served: an adapter is folded on registration into plain
+low-rank pairs (``loraforge.adapters.fold``), plus DoRA's per-row scale, so the batched op never learns
+which method it runs. Residency is a cache: an adapter that requests need is copied into pool pages
+(its ``B`` multiplied by the scaling, and DoRA's row scale, on the way), stays there while idle, and
+is evicted least-recently-used when the pool needs its pages, for KV blocks or for another adapter.
+An adapter in use by a running request (``refs > 0``) or pinned is never evicted.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from loraforge.adapters.peft_format import (
-    CONFIG_NAME,
-    PREFIX,
-    AdapterFormatError,
-    group_by_module,
-    spec_from_peft_config,
-)
+from loraforge.adapters.fold import LowRank
+from loraforge.adapters.peft_format import CONFIG_NAME, PREFIX, AdapterFormatError
+from loraforge.adapters.registry import METHODS
 from loraforge.serve.errors import UnknownAdapterError
 from loraforge.serve.lora_ops import LoraPair
 from loraforge.serve.memory_pool import PagePool
 
-SUPPORTED = "plain LoRA adapters (peft_type LORA, including rsLoRA and rank_pattern/alpha_pattern)"
+SUPPORTED = f"adapters of the methods {', '.join(METHODS)} on the attention and MLP projections"
 UNSUPPORTED_FIELDS = {
     "modules_to_save": "full copies of extra modules",
     "trainable_token_indices": "trained token embeddings",
@@ -54,15 +52,17 @@ class Adapter:
 
     name: str
     source: str
-    modules: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor, float]]
+    modules: dict[ModuleKey, LowRank]
     layout: list[tuple[ModuleKey, int, int, int]]
-    """Where each matrix goes in the adapter's pages: (module, 0 for A / 1 for B, page index, offset)."""
+    """Where each tensor goes in the adapter's pages: (module, 0 for A / 1 for B / 2 for the row scale,
+    page index, offset)."""
     num_pages: int
     pinned: bool = False
     refs: int = 0
     pages: list[int] | None = None
     views: dict[ModuleKey, LoraPair] = field(default_factory=dict)
-    """Resident only: the ``LoraPair`` views (transposed ``A`` and scaled ``B``) into pool pages that the LoRA op reads."""
+    """Resident only: the ``LoraPair`` views (transposed ``A``, scaled ``B``, row scale) into pool pages that
+    the LoRA op reads."""
 
     @property
     def resident(self) -> bool:
@@ -72,12 +72,16 @@ class Adapter:
 class AdapterStore:
     """Host registry plus the device-resident subset, living in ``pool``.
 
-    ``targets`` maps base module paths (``model.layers.0.self_attn.q_proj``) to what may be adapted.
-    Not thread-safe: the engine serialises calls.
+    ``targets`` maps base module paths (``model.layers.0.self_attn.q_proj``) to what may be adapted;
+    ``fold(config, tensors, source)`` turns a PEFT adapter into module path -> ``LowRank`` (the engine
+    passes ``loraforge.adapters.fold.fold_adapter`` over its model). Not thread-safe: the engine
+    serialises calls.
     """
 
-    def __init__(self, pool: PagePool, targets: dict[str, TargetModule], max_rank: int):
+    def __init__(self, pool: PagePool, targets: dict[str, TargetModule], max_rank: int,
+                 fold: Callable[[dict, dict, str], dict[str, LowRank]]):
         self.pool = pool
+        self.fold = fold
         self.targets = targets
         self.max_rank = max_rank
         self.adapters: dict[str, Adapter] = {}
@@ -90,7 +94,8 @@ class AdapterStore:
     def register(
         self, name: str, config: dict, tensors: dict[str, torch.Tensor], source: str = "<memory>", pinned: bool = False
     ) -> Adapter:
-        """Validate a PEFT LoRA adapter (config + tensors under PEFT key names) and add it as ``name``.
+        """Validate a PEFT adapter of any registry method (config + tensors under PEFT key names), fold it
+        and add it as ``name``.
 
         Raises ``AdapterFormatError`` listing every problem: unsupported adapter type or options,
         modules the base model lacks or that aren't projections, shapes that don't fit, ranks above
@@ -106,17 +111,9 @@ class AdapterStore:
             self.pin(name)
         return adapter
 
-    def _validate(self, config: dict, tensors: dict[str, torch.Tensor], source: str) -> dict:
+    def _validate(self, config: dict, tensors: dict[str, torch.Tensor], source: str) -> dict[ModuleKey, LowRank]:
         where = f"{source}/{CONFIG_NAME}" if source != "<memory>" else "adapter config"
-        if config.get("peft_type") != "LORA":
-            raise AdapterFormatError(
-                f"{where}: peft_type {config.get('peft_type')!r} is not supported by the serving engine; it serves {SUPPORTED}"
-            )
-        spec = spec_from_peft_config(config, where)
         problems = []
-        if spec.method != "lora":
-            problems.append(f"{where}: {spec.method.upper()} adapters are not supported by the serving engine; "
-                            f"it serves {SUPPORTED}")
         if config.get("bias", "none") != "none" or config.get("lora_bias"):
             problems.append(f"{where}: trained biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')!r}) "
                             f"are not supported; it serves {SUPPORTED}")
@@ -127,10 +124,8 @@ class AdapterStore:
                 problems.append(f"{where}: {key} ({what}) is not supported; it serves {SUPPORTED}")
         if problems:
             raise AdapterFormatError("\n".join(problems))
-        grouped = group_by_module(tensors, Path(source), "lora")
         modules = {}
-        for path, group in grouped.items():
-            a, b = group["lora_A.weight"], group["lora_B.weight"]
+        for path, pair in self.fold(config, tensors, source).items():
             target = self.targets.get(path)
             key = f"{PREFIX}{path}"
             if target is None:
@@ -138,23 +133,11 @@ class AdapterStore:
                     f"{source}: {key} adapts {path!r}, which is not an attention or MLP projection of this base model "
                     f"(the engine adapts q/k/v/o_proj and gate/up/down_proj of each layer)"
                 )
-                continue
-            r = a.shape[0]
-            if a.shape != (r, target.in_features) or b.shape != (target.out_features, r):
-                problems.append(
-                    f"{source}: {key} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; this base model needs "
-                    f"({r}, {target.in_features}) and ({target.out_features}, {r}): was it trained for another model?"
-                )
-                continue
-            if r > self.max_rank:
-                problems.append(f"{source}: {key} has rank {r}, above the engine's max_rank={self.max_rank}; "
-                                "start the engine with a larger max_rank")
-                continue
-            config_r, alpha = spec.rank_and_alpha(path)
-            if config_r != r:
-                problems.append(f"{source}: {key} has rank {r} but the config gives this module r={config_r}")
-                continue
-            modules[(target.layer, target.proj)] = (a, b, spec.scaling(r, alpha))
+            elif pair.a.shape[0] > self.max_rank:
+                problems.append(f"{source}: {key} has rank {pair.a.shape[0]}, above the engine's "
+                                f"max_rank={self.max_rank}; start the engine with a larger max_rank")
+            elif pair.a.shape[0]:  # a layer pruned to rank 0 adds nothing
+                modules[(target.layer, target.proj)] = pair
         if problems:
             shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
             raise AdapterFormatError("\n".join(shown))
@@ -250,19 +233,22 @@ class AdapterStore:
     def _load(self, adapter: Adapter) -> None:
         pages = self.pool.allocate(adapter.num_pages, "adapter")
         storage = self.pool.storage
-        views: dict[ModuleKey, list] = {key: [None, None] for key in adapter.modules}
+        views: dict[ModuleKey, list] = {key: [None, None, None] for key in adapter.modules}
         for key, which, page, offset in adapter.layout:
-            a, b, scaling = adapter.modules[key]
-            source = a if which == 0 else b
+            pair = adapter.modules[key]
+            source = _stored(pair)[which]
             view = storage[pages[page], offset : offset + source.numel()].view(source.shape)
-            # copy_ moves the host matrix to the pool's device and dtype; it blocks, because the host copy
+            # copy_ moves the host tensor to the pool's device and dtype; it blocks, because the host copy
             # is pageable memory (non_blocking would gain nothing). B is then scaled in place, on the device.
             view.copy_(source)
             if which == 1:
-                view.mul_(scaling)
+                view.mul_(pair.scale)
             views[key][which] = view
+        for key, (a, b, row_scale) in views.items():
+            if row_scale is not None:
+                b.mul_(row_scale[:, None])  # DoRA: the scale applies to the whole row of the update
         adapter.pages = pages
-        adapter.views = {key: (a.T, b.T) for key, (a, b) in views.items()}
+        adapter.views = {key: (a.T, b.T, row_scale) for key, (a, b, row_scale) in views.items()}
         self._lru[adapter.name] = adapter
 
     def _evict(self, adapter: Adapter) -> None:
@@ -272,16 +258,21 @@ class AdapterStore:
         del self._lru[adapter.name]
 
 
-def _pack(modules: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor, float]], page_numel: int):
-    """Place every matrix in a page, largest first, first fit; no matrix straddles two pages."""
-    items = [(key, which, t.numel()) for key, (a, b, _) in modules.items() for which, t in ((0, a), (1, b))]
+def _stored(pair: LowRank) -> tuple[torch.Tensor, ...]:
+    """The tensors an adapter keeps in its pages for one module: A, B and, for DoRA, the row scale."""
+    return (pair.a, pair.b) if pair.row_scale is None else (pair.a, pair.b, pair.row_scale)
+
+
+def _pack(modules: dict[ModuleKey, LowRank], page_numel: int):
+    """Place every tensor in a page, largest first, first fit; no tensor straddles two pages."""
+    items = [(key, which, t.numel()) for key, pair in modules.items() for which, t in enumerate(_stored(pair))]
     items.sort(key=lambda item: -item[2])
     fill: list[int] = []
     layout = []
     for key, which, numel in items:
         if numel > page_numel:
             raise AdapterFormatError(
-                f"a LoRA matrix of {numel} elements on {key} does not fit a {page_numel}-element page; "
+                f"an adapter tensor of {numel} elements on {key} does not fit a {page_numel}-element page; "
                 "start the engine with a larger block_size"
             )
         page = next((i for i, used in enumerate(fill) if used + numel <= page_numel), None)

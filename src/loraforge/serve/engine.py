@@ -16,6 +16,7 @@ and delivered after the lock is released, in order, one token's worth of decodin
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import nn
 
+from loraforge.adapters.fold import fold_adapter
 from loraforge.adapters.peft_format import read_adapter_dir
 from loraforge.models.device import resolve_device
 from loraforge.serve.adapter_store import AdapterStore
@@ -203,7 +205,8 @@ class Engine:
             )
         self.pool = PagePool(num_pages, page_numel, self.runner.dtype, self.runner.device)
         self.kv = PagedKVCache(self.pool, self.runner.num_layers, self.runner.num_kv_heads, self.runner.head_dim, self.block_size)
-        self.store = AdapterStore(self.pool, self.runner.targets, self.config.max_rank)
+        self.store = AdapterStore(self.pool, self.runner.targets, self.config.max_rank,
+                                  functools.partial(fold_adapter, self.runner.model))
         self.scheduler = Scheduler(
             self.kv, self.store, self.config.max_num_seqs, self.config.max_batch_tokens, self.config.max_bypass,
             self.config.max_lookahead,
@@ -233,7 +236,7 @@ class Engine:
     # adapters -----------------------------------------------------------------------------------
 
     def register_adapter(self, name: str, path: str | os.PathLike, pinned: bool = False) -> None:
-        """Register the PEFT LoRA adapter in directory ``path`` as ``name``, while requests run.
+        """Register the PEFT adapter (any registry method) in directory ``path`` as ``name``, while requests run.
 
         Raises ``AdapterFormatError`` (unsupported type, shapes that don't fit, rank above
         ``max_rank``, missing or corrupt files) or ``ValueError`` (name taken).

@@ -2,8 +2,10 @@
 
 Each token ``t`` of a batch carries an adapter slot ``s[t]`` (``-1`` = no adapter). For every token
 with a slot, ``y[t] += B_s @ (A_s @ x[t])`` where ``A_s`` is ``(r_s, in)`` and ``B_s`` is ``(out, r_s)``
-with the scaling already folded in. Ranks differ between slots and nothing is padded to a maximum
-rank: tokens are grouped into runs of one slot (segments), and each run costs two matmuls at its
+with the scaling already folded in. A slot may also carry a per-row scale ``m`` ``(out,)`` (DoRA's
+``magnitude / ‖W + s·B A‖``, with ``B`` pre-multiplied by it): its tokens get
+``y[t] = b + m ⊙ (y[t] − b) + B_s A_s x[t]``, ``b`` the module's bias. Ranks differ between slots and
+nothing is padded to a maximum rank: tokens are grouped into runs of one slot (segments), and each run costs two matmuls at its
 adapter's own rank (SGMV's segment formulation, done with torch ops on CPU).
 
 The engine lays tokens out grouped by adapter, so its segments need no permutation. The boundary of
@@ -18,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-LoraPair = tuple[torch.Tensor, torch.Tensor]
-"""``(A.T (in, r), B.T (r, out))`` of one adapter on one module, ``B`` pre-scaled: the update is ``x @ A.T @ B.T``.
+LoraPair = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+"""``(A.T (in, r), B.T (r, out), row scale (out,) or None)`` of one adapter on one module, ``B`` pre-scaled:
+the update is ``x @ A.T @ B.T``, plus ``(m − 1) ⊙ (y − b)`` where a row scale ``m`` is given.
 
 Transposed views are kept ready so that the per-segment loop creates no views of its own.
 """
@@ -81,26 +84,35 @@ def _runs(values: torch.Tensor, counts: torch.Tensor) -> list[tuple[int, int, in
     return runs
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, segments: Segments, weights: Sequence[LoraPair | None]) -> torch.Tensor:
-    """Add each token's adapter update to ``y`` ``(T, out)`` in place, from ``x`` ``(T, in)``.
+def add_lora(y: torch.Tensor, x: torch.Tensor, segments: Segments, weights: Sequence[LoraPair | None],
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Add each token's adapter update to ``y`` ``(T, out)`` (the base output, ``bias`` included) in place,
+    from ``x`` ``(T, in)``.
 
     ``weights[slot]`` is the slot's ``LoraPair`` on this module, or ``None`` when that adapter does not
     adapt this module. Returns ``y``.
     """
     if segments.order is None:
-        _segment_matmuls(y, x, segments, weights)
+        _segment_matmuls(y, x, y, segments, weights, bias)
         return y
     xs = x.index_select(0, segments.order)
     delta = torch.zeros(xs.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
-    _segment_matmuls(delta, xs, segments, weights)
+    _segment_matmuls(delta, xs, y.index_select(0, segments.order), segments, weights, bias)
     return y.index_add_(0, segments.order, delta)
 
 
-def _segment_matmuls(y: torch.Tensor, x: torch.Tensor, segments: Segments, weights: Sequence[LoraPair | None]) -> None:
+def _segment_matmuls(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, segments: Segments,
+                     weights: Sequence[LoraPair | None], bias: torch.Tensor | None) -> None:
+    """Add each run's update to ``out``; ``base`` holds the same tokens' base outputs (it may be ``out``)."""
     # One split per call instead of two slices per segment: at decode, segments are single tokens and
     # per-op overhead is most of the cost.
-    xs, ys = x.split(segments.split_sizes), y.split(segments.split_sizes)
+    xs, outs, bases = x.split(segments.split_sizes), out.split(segments.split_sizes), base.split(segments.split_sizes)
     for chunk, slot in segments.chunk_slots:
         pair = weights[slot]
-        if pair is not None:
-            ys[chunk].addmm_(torch.mm(xs[chunk], pair[0]), pair[1])
+        if pair is None:
+            continue
+        a_t, b_t, row_scale = pair
+        if row_scale is not None:
+            unbiased = bases[chunk] if bias is None else bases[chunk] - bias
+            outs[chunk].add_(unbiased * (row_scale - 1))
+        outs[chunk].addmm_(torch.mm(xs[chunk], a_t), b_t)

@@ -132,7 +132,7 @@ class ModelRunner:
         if batch.segments is not None:
             weights = [adapter.views.get((layer, proj)) for adapter in batch.adapters]
             if any(w is not None for w in weights):
-                add_lora(y, x, batch.segments, weights)
+                add_lora(y, x, batch.segments, weights, module.bias)
         return y
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
