@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraforge.adapters.lora import _dense_param
+from loraforge.adapters.lora import LoraAdapter
 from loraforge.adapters.model import adapted_layers
 from loraforge.adapters.spec import AdapterError
 from loraforge.config.schema import setting
@@ -107,13 +107,8 @@ class AdaLoraAdapter(nn.Module):
         """``(out, in)``."""
         return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scaling / (self.ranknum + 1e-5)
 
-    def merge(self, base: nn.Module) -> None:
-        weight = _dense_param(base)
-        weight.data += self.delta_weight(base).detach().to(weight.dtype)
-
-    def unmerge(self, base: nn.Module) -> None:
-        weight = _dense_param(base)
-        weight.data -= self.delta_weight(base).detach().to(weight.dtype)
+    merge = LoraAdapter.merge  # delta_weight added to (or taken from) a dense base
+    unmerge = LoraAdapter.unmerge
 
     def low_rank(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The update as a plain LoRA pair: ``delta(x) = scale · x A'ᵀ B'ᵀ`` with A' = (A ⊙ E) ``(r', in)`` and

@@ -94,12 +94,13 @@ class LoraAdapter(nn.Module):
         return self.lora_A.detach(), self.lora_B.detach(), self.scaling
 
     def merge(self, base: nn.Module) -> None:
+        """Add ``delta_weight`` to a dense base weight in place (methods whose update is a weight delta share this)."""
         weight = _dense_param(base)
-        weight.data += self.lora_weight().detach().to(weight.dtype)
+        weight.data += self.delta_weight(base).detach().to(weight.dtype)
 
     def unmerge(self, base: nn.Module) -> None:
         weight = _dense_param(base)
-        weight.data -= self.lora_weight().detach().to(weight.dtype)
+        weight.data -= self.delta_weight(base).detach().to(weight.dtype)
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.adapters.layer import AdaptedLinear
-from loraforge.adapters.lora import _dense_param
+from loraforge.adapters.lora import LoraAdapter
 from loraforge.adapters.spec import AdapterError
 from loraforge.config.schema import setting
 
@@ -163,13 +163,8 @@ class VeraAdapter(nn.Module):
         lora_A, lora_B, _ = self.low_rank(base)
         return lora_B @ lora_A
 
-    def merge(self, base: nn.Module) -> None:
-        weight = _dense_param(base)
-        weight.data += self.delta_weight(base).detach().to(weight.dtype)
-
-    def unmerge(self, base: nn.Module) -> None:
-        weight = _dense_param(base)
-        weight.data -= self.delta_weight(base).detach().to(weight.dtype)
+    merge = LoraAdapter.merge  # delta_weight added to (or taken from) a dense base
+    unmerge = LoraAdapter.unmerge
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-rank", type=int, default=64, help="largest adapter rank accepted")
     serve.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together per step")
     serve.add_argument("--threads", type=int, help="torch CPU threads")
+    serve.add_argument("--public-metrics", action="store_true",
+                       help="serve GET /metrics without the API key (by default the key guards it too)")
     _add_device(serve)
     serve.set_defaults(handler=_serve)
 
@@ -139,8 +141,8 @@ def _serve(args) -> int:
             raise CommandError(f"--adapter: the name {name!r} is given twice")
         adapters[name] = path
     run_server(args.model, adapters, args.adapter_dir, args.host, args.port, args.api_key,
-               int(args.pool_gb * 2**30), max_rank=args.max_rank, max_num_seqs=args.max_num_seqs,
-               threads=args.threads)
+               int(args.pool_gb * 2**30), device=args.device, metrics_public=args.public_metrics,
+               max_rank=args.max_rank, max_num_seqs=args.max_num_seqs, threads=args.threads)
     return 0
 
 

@@ -149,7 +149,8 @@ def model_summary_line(config: Config, model: nn.Module) -> str:
     info = quant_summary(model)
     line = (f"model {config.model.source}: {info['params'] / 1e6:.1f}M parameters, "
             f"{info['trainable_params'] / 1e6:.2f}M trainable ({100 * info['trainable_params'] / info['params']:.2f}%) "
-            f"in {config.adapter.method} r={config.adapter.r}; {info['total_bytes'] / 2**20:.0f} MiB in memory")
+            f"in {config.adapter.method} r={method(config.adapter.method).layer_rank(config.adapter, '')}; "
+            f"{info['total_bytes'] / 2**20:.0f} MiB in memory")
     if info["quantized_layers"]:
         line += (f"; {info['quantized_layers']} quantized linears ({', '.join(info['formats'])}) at "
                  f"{info['bits_per_param']:.3f} bits/parameter")
