@@ -267,3 +267,21 @@ def test_a_peft_type_we_lack_is_named_with_the_supported_ones(tmp_path):
     with pytest.raises(AdapterFormatError, match=r"peft_type 'IA3' is not supported; loraforge loads \['ADALORA', "
                                                  r"'LORA', 'VERA'\] adapters \(adalora, dora, lora, qalora, vera\)"):
         load_adapter(tiny_model("tiny-llama"), tmp_path)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4"])
+def test_pissa_starts_at_the_base_output_and_takes_the_principal_part(init):
+    """At init the model computes what it did; the base keeps the residual. Exact SVD: the residual's top
+    singular value is the weight's (r+1)-th. Fast SVD: the principal part taken is at most the exact one's."""
+    model = tiny_model("tiny-llama")
+    original = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    before = logits(model)
+    add_adapter(model, AdapterSpec(r=4, alpha=8, init=init, target_modules=TARGETS))
+    assert torch.allclose(logits(model), before, atol=1e-5)
+    residual = model.model.layers[0].self_attn.q_proj.base_layer.weight.detach()
+    singular = torch.linalg.svdvals(original)
+    if init == "pissa":
+        assert torch.allclose(torch.linalg.svdvals(residual)[0], singular[4], rtol=1e-4)
+    else:
+        taken = original.norm() ** 2 - residual.norm() ** 2
+        assert 0 < taken <= (singular[:4] ** 2).sum() * (1 + 1e-4)
