@@ -183,3 +183,104 @@ def test_serve_answers_the_openai_client(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_train_override_with_a_familiar_name_suggests_ours(tmp_path, capsys):
+    (tmp_path / "train.json").write_text("[]")
+    config = tmp_path / "cfg.yaml"
+    config.write_text("data:\n  train_files: train.json\n")
+    assert main(["train", str(config), "train.learning_rate=1e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'train.learning_rate'; did you mean 'train.lr'?" in err and "Traceback" not in err
+
+
+LLAMAFACTORY_SFT = """\
+model_name_or_path: tiny-llama
+trust_remote_code: true
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 4
+lora_target: all
+dataset: identity,alpaca_en_demo
+template: chatml
+cutoff_len: 64
+preprocessing_num_workers: 16
+output_dir: saves/tiny/lora/sft
+logging_steps: 1
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+report_to: none
+per_device_train_batch_size: 2
+gradient_accumulation_steps: 2
+learning_rate: 1.0e-3
+num_train_epochs: 3.0
+max_steps: 2
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: false
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+"""
+
+
+@pytest.fixture
+def llamafactory_project(tmp_path, monkeypatch):
+    """A LLaMA-Factory-style folder (``data/dataset_info.json``, an alpaca set with system and history
+    columns) holding the SFT config ``lf.yaml``; the current directory is its root."""
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset_info.json").write_text(json.dumps({
+        "identity": {"file_name": "identity.json", "columns": {"prompt": "instruction", "query": "input",
+                                                               "response": "output", "system": "system",
+                                                               "history": "history"}},
+        "alpaca_en_demo": {"file_name": "alpaca_en_demo.json", "formatting": "alpaca"},
+    }))
+    (data / "identity.json").write_text(json.dumps(
+        [{"instruction": "Who are you?", "input": "", "output": "Quill.", "system": "Be brief.",
+          "history": [["hi", "Hello!"]]}] * 4))
+    (data / "alpaca_en_demo.json").write_text(json.dumps(
+        [{"instruction": f"Say {w}", "input": "", "output": w.upper()} for w in ("cat", "dog", "sun", "owl")]))
+    (tmp_path / "lf.yaml").write_text(LLAMAFACTORY_SFT)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_train_runs_a_llamafactory_config_and_writes_its_loraforge_equivalent(llamafactory_project, capsys):
+    import json
+
+    from loraforge.config import load_config
+    from loraforge.config.llamafactory import convert
+
+    assert main(["train", "lf.yaml"]) == 0
+    out = capsys.readouterr().out
+    run = llamafactory_project / "saves/tiny/lora/sft"
+    assert "a LLaMA-Factory config" in out and "do_train" in out and f"{run / 'loraforge.yaml'}" in out
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(s.get("step", 0) for s in steps) == 2
+    assert (run / "adapter" / "adapter_config.json").exists()
+    written = load_config(run / "loraforge.yaml")
+    assert written == convert("lf.yaml").config
+    assert (written.train.max_steps, written.adapter.r, written.adapter.alpha) == (2, 4, 8.0)
+
+
+def test_convert_writes_the_loraforge_config(llamafactory_project, capsys):
+    from loraforge.config import load_config
+    from loraforge.config.llamafactory import convert
+
+    assert main(["convert", "--from", "llamafactory", "lf.yaml", "--out", "moved/loraforge.yaml"]) == 0
+    assert "note: accepted without effect: trust_remote_code" in capsys.readouterr().out
+    assert load_config("moved/loraforge.yaml") == convert("lf.yaml").config
+
+
+def test_convert_reports_every_refusal(llamafactory_project, capsys):
+    (llamafactory_project / "lf.yaml").write_text(
+        LLAMAFACTORY_SFT.replace("stage: sft", "stage: dpo").replace("finetuning_type: lora", "finetuning_type: full"))
+    assert main(["convert", "--from", "llamafactory", "lf.yaml", "--out", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 2 problems in lf.yaml:\nlf.yaml:3: stage: 'dpo'")
+    assert "lf.yaml:5: finetuning_type: 'full'" in err
+    assert not (llamafactory_project / "x.yaml").exists()

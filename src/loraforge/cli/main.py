@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. train.lr=1e-4")
     train.set_defaults(handler=_train)
 
+    convert = commands.add_parser("convert", help="write the loraforge config equivalent to a LLaMA-Factory config")
+    convert.add_argument("--from", dest="source_format", required=True, choices=["llamafactory"],
+                         help="the tool the config is for")
+    convert.add_argument("config", help="path to its YAML config (e.g. LLaMA-Factory's examples/train_lora/*.yaml)")
+    convert.add_argument("--out", required=True, help="where to write the loraforge YAML")
+    convert.set_defaults(handler=_convert)
+
     info = commands.add_parser("info", help="model size, trainable parameters and quantized storage for a config")
     info.add_argument("config", help="path to the YAML config")
     info.add_argument("overrides", nargs="*", metavar="key=value")
@@ -99,12 +106,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from loraforge.config import load_config
+    from pathlib import Path
+
+    from loraforge.config import load_config, save_config
+    from loraforge.config.llamafactory import convert, looks_like_llamafactory
     from loraforge.train import run_training
 
-    config = load_config(args.config, args.overrides)
-    result = run_training(config)
+    if not looks_like_llamafactory(args.config):
+        config = load_config(args.config, args.overrides)
+        return 130 if run_training(config).interrupted else 0
+    print(f"{args.config}: a LLaMA-Factory config; training its loraforge equivalent")
+    conversion = convert(args.config, args.overrides)
+    for note in conversion.notes:
+        print(f"note: {note}")
+    result = run_training(conversion.config)
+    written = Path(conversion.config.output.dir) / "loraforge.yaml"
+    save_config(conversion.config, written)
+    print(f"the equivalent loraforge config is in {written}")
     return 130 if result.interrupted else 0
+
+
+def _convert(args) -> int:
+    from loraforge.config import save_config
+    from loraforge.config.llamafactory import convert
+
+    conversion = convert(args.config)
+    for note in conversion.notes:
+        print(f"note: {note}")
+    save_config(conversion.config, args.out)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _info(args) -> int:

@@ -33,9 +33,9 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *, check
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([Problem((), f"cannot read config file {path}: {e}")]) from None
 
-    data, locations, problems = _parse(text, source)
+    data, locations, problems = parse_yaml(text, source)
     if isinstance(data, dict):
-        problems += _apply_overrides(data, overrides, locations)
+        problems += apply_overrides(data, overrides, locations)
     try:
         config = Config.from_dict(data, source, base_dir=path.parent, check_files=check_files)
     except ConfigError as e:
@@ -62,7 +62,7 @@ def save_config(config: Config, path: str | os.PathLike) -> None:
         raise
 
 
-def _parse(text: str, source: str) -> tuple[Any, dict[KeyPath, str], list[Problem]]:
+def parse_yaml(text: str, source: str) -> tuple[Any, dict[KeyPath, str], list[Problem]]:
     """``yaml.safe_load`` of ``text``, plus ``file:line`` for every key and list item, plus duplicate keys."""
     loader = yaml.SafeLoader(text)
     try:
@@ -101,7 +101,7 @@ def _record_lines(node: yaml.Node, path: KeyPath, source: str, locations: dict, 
             _record_lines(item, path + (i,), source, locations, problems)
 
 
-def _apply_overrides(data: dict, overrides: Sequence[str], locations: dict[KeyPath, str]) -> list[Problem]:
+def apply_overrides(data: dict, overrides: Sequence[str], locations: dict[KeyPath, str]) -> list[Problem]:
     """Set each ``section.key=value`` in ``data`` and point its location (and its subkeys') at the override."""
     problems = []
     for override in overrides:

@@ -217,12 +217,41 @@ def _check_bounds(value: Any, metadata: Mapping, path: KeyPath, ctx: _Context) -
     return ok
 
 
+ALIASES: dict[str, str] = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size",
+    "micro_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler_type": "train.scheduler",
+    "lr_scheduler": "train.scheduler",
+    "optimizer": "train.optim",
+    "lora_rank": "adapter.r",
+    "lora_r": "adapter.r",
+    "lora_alpha": "adapter.alpha",
+    "lora_dropout": "adapter.dropout",
+    "lora_target": "adapter.target_modules",
+    "lora_target_modules": "adapter.target_modules",
+    "model_name_or_path": "model.source",
+    "base_model": "model.source",
+    "sequence_len": "data.cutoff_len",
+    "max_seq_length": "data.cutoff_len",
+    "output_dir": "output.dir",
+}
+"""Hugging Face / LLaMA-Factory / Axolotl spellings of our keys: foreign name -> our dotted key. They are
+suggested in the unknown-key message, never accepted."""
+
+
 def _unknown_key(path: KeyPath, key: Any, siblings: list[str], root: type) -> str:
     what = "section" if not path else "key"
     text = f"unknown {what} '{dotted(path + (key,))}'"
-    close = difflib.get_close_matches(str(key), siblings, n=1)
+    if str(key) in ALIASES:
+        return f"{text}; did you mean '{ALIASES[key]}'?"
+    candidates = {**ALIASES, **{name: dotted(path + (name,)) for name in siblings}}
+    close = difflib.get_close_matches(str(key), list(candidates), n=1)
     if close:
-        return f"{text}; did you mean '{dotted(path + (close[0],))}'?"
+        return f"{text}; did you mean '{candidates[close[0]]}'?"
     # Not a typo of a sibling: perhaps the right key in the wrong section.
     elsewhere = {p[-1]: p for p in reversed(list(_key_paths(root)))}
     close = difflib.get_close_matches(str(key), list(elsewhere), n=1)

@@ -10,7 +10,10 @@ Formats and their fields (``*`` = required):
 
 ``columns`` maps a field name to the column that holds it in the file, e.g.
 ``{"instruction": "question", "output": "answer"}``; unmapped fields use their own name.
-A missing or null optional field is absent.
+A missing or null optional field is absent. For ``sharegpt``, ``columns`` also takes LLaMA-Factory's
+tag names, which say how the turns spell their keys and speakers: ``role_tag`` (default ``from``),
+``content_tag`` (``value``), ``user_tag``, ``assistant_tag`` and ``system_tag`` (a speaker spelled so
+maps to that role, besides the speakers listed above).
 
 Every conversation is checked: an optional system message first, then user and assistant turns
 alternating, ending with a non-empty assistant reply.
@@ -31,6 +34,9 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "sharegpt": ("conversations", "system"),
     "openai": ("messages",),
 }
+
+SHAREGPT_TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag")
+"""Keys of ``columns`` that name how sharegpt turns spell things, not record columns."""
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -74,7 +80,7 @@ def check_columns(records: Sequence[Record], format: str, columns: Mapping[str, 
     """Raise a DataError for an unknown format, or a ``columns`` entry that cannot apply to ``records``."""
     if format not in FORMAT_FIELDS:
         raise DataError(f"unknown data format {format!r}; choose one of {sorted(FORMAT_FIELDS)}")
-    fields = FORMAT_FIELDS[format]
+    fields = FORMAT_FIELDS[format] + (SHAREGPT_TAGS if format == "sharegpt" else ())
     for field in columns:
         if field not in fields:
             raise DataError(f"columns: {field!r} is not a field of format {format!r}; its fields are {list(fields)}")
@@ -82,7 +88,7 @@ def check_columns(records: Sequence[Record], format: str, columns: Mapping[str, 
         return
     present = sorted({key for record in records for key in record.fields})
     for field, column in columns.items():
-        if column not in present:
+        if field not in SHAREGPT_TAGS and column not in present:
             raise DataError(
                 f"columns: {field} is mapped to column {column!r}, but no record has it; columns found: {present}"
             )
@@ -137,15 +143,20 @@ def _alpaca(fields: _Fields) -> list[Message]:
 
 def _sharegpt(fields: _Fields) -> list[Message]:
     name = fields.column("conversations")
+    role_key, content_key = fields.columns.get("role_tag", "from"), fields.columns.get("content_tag", "value")
+    roles = dict(SHAREGPT_ROLES)
+    for role in ("user", "assistant", "system"):
+        if f"{role}_tag" in fields.columns:
+            roles[fields.columns[f"{role}_tag"]] = role
     messages = []
     for i, turn in enumerate(fields.get("conversations", list, required=True)):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise DataError(f"{fields.origin}: {name}[{i}] must be an object with 'from' and 'value'")
-        if turn["from"] not in SHAREGPT_ROLES:
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise DataError(f"{fields.origin}: {name}[{i}] must be an object with {role_key!r} and {content_key!r}")
+        if turn[role_key] not in roles:
             raise DataError(
-                f"{fields.origin}: {name}[{i}]: unknown speaker {turn['from']!r}; use one of {list(SHAREGPT_ROLES)}"
+                f"{fields.origin}: {name}[{i}]: unknown speaker {turn[role_key]!r}; use one of {list(roles)}"
             )
-        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+        messages.append({"role": roles[turn[role_key]], "content": turn[content_key]})
     system = fields.get("system", str, required=False)
     if system is not None:
         if messages and messages[0]["role"] == "system":
