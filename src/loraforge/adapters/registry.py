@@ -13,6 +13,7 @@ exact fold of its update into a plain LoRA pair (DoRA adds ``row_scale(base) -> 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -108,8 +109,10 @@ class Method:
     def problems(self, spec) -> list[tuple[str, str]]:
         """Everything wrong with ``spec`` for this method, as ``(key, message)`` pairs."""
         problems = list(self.check(spec))
-        if spec.init.split("_niter_")[0] not in self.inits:
-            problems.append(("init", f"{spec.init!r} is not an init of {self.name}; it takes {', '.join(self.inits)}"))
+        fast_pissa = "pissa" in self.inits and re.fullmatch(r"pissa_niter_[1-9]\d*", spec.init)
+        if spec.init not in self.inits and not fast_pissa:
+            takes = ", ".join(self.inits) + (" or pissa_niter_N" if "pissa" in self.inits else "")
+            problems.append(("init", f"{spec.init!r} is not an init of {self.name}; it takes {takes}"))
         return problems
 
 

@@ -34,8 +34,6 @@ Optimizer = Literal["adamw", "paged_adamw", "adamw_8bit"]
 Scheduler = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16"]
 
-INIT_CHOICES = ("kaiming", "gaussian", "none", "pissa")
-"""Adapter inits; ``pissa_niter_N`` is PiSSA with N fast-SVD iterations."""
 
 
 def setting(default: Any, help: str, **bounds: float) -> Any:
@@ -153,8 +151,6 @@ class AdapterConfig:
             problems += METHODS[self.method].problems(self)
             if self.options is not None and hasattr(self.options, "check"):
                 problems += [(f"options.{key}", message) for key, message in self.options.check()]
-        if not (self.init in INIT_CHOICES or re.fullmatch(r"pissa_niter_[1-9]\d*", self.init)):
-            problems.append(("init", f"{self.init!r} is not one of {', '.join(INIT_CHOICES)} or pissa_niter_N"))
         if isinstance(self.target_modules, list):
             if not self.target_modules:
                 problems.append(("target_modules", "must name at least one module"))
