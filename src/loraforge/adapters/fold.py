@@ -14,16 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loraforge.adapters.layer import AdaptedLinear
-from loraforge.adapters.peft_format import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    AdapterFormatError,
-    check_adapter_tensors,
-    group_by_module,
-    spec_from_peft_config,
-)
-from loraforge.adapters.registry import method
+from loraforge.adapters.inject import base_of, build_adapters
+from loraforge.adapters.peft_format import WEIGHTS_NAME, AdapterFormatError, check_adapter_tensors, plan_adapter
 from loraforge.adapters.spec import AdapterError
 
 
@@ -48,28 +40,14 @@ def fold_adapter(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor
     keys naming no linear module, shapes that don't fit.
     """
     weights = Path(source) / WEIGHTS_NAME
-    spec = spec_from_peft_config(config, str(Path(source) / CONFIG_NAME))
-    entry = method(spec.method)
-    shared_keys = entry.shared.keys if entry.shared else ()
-    layer_tensors = {k: v for k, v in tensors.items() if k not in shared_keys}
-    per_module = group_by_module(layer_tensors, weights, model)
-    bases = {path: _base(model.get_submodule(path)) for path in per_module}
+    plan = plan_adapter(model, config, tensors, Path(source))
     try:
-        shared = entry.shared.build(model, "served", list(per_module), spec,
-                                    {k: tensors[k] for k in shared_keys if k in tensors}) if entry.shared else None
-        adapters = {}
-        for path, module_tensors in per_module.items():
-            r = entry.rank_from_peft(config, module_tensors)
-            _, alpha = spec.rank_and_alpha(path)
-            adapter = entry.layer(bases[path], r, entry.scaling(spec, r, alpha), 0.0, "kaiming", spec.options, shared)
-            adapter.method_name = entry.name
-            if entry.after_load is not None:
-                entry.after_load(adapter, path, config)
-            adapters[path] = adapter
+        adapters = build_adapters(model, plan.spec, "served", list(plan.ranks), plan.ranks, plan.saved_shared, config)
     except AdapterError as err:
         raise AdapterFormatError(f"{weights}: {err}") from None
-    for adapter, adapter_tensors in check_adapter_tensors(adapters, layer_tensors, tensors, weights, "served"):
+    for adapter, adapter_tensors in check_adapter_tensors(adapters, plan.layer_tensors, tensors, weights, "served"):
         adapter.load_peft_tensors(adapter_tensors)
+    bases = {path: base_of(model.get_submodule(path)) for path in adapters}
     folded = {}
     with torch.no_grad():
         for path, adapter in adapters.items():
@@ -79,6 +57,3 @@ def fold_adapter(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor
                                    None if row_scale is None else row_scale.float().contiguous())
     return folded
 
-
-def _base(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, AdaptedLinear) else module

@@ -55,34 +55,57 @@ def select_targets(model: nn.Module, spec: AdapterSpec) -> list[str]:
 
 
 def add_adapter(model: nn.Module, spec: AdapterSpec, name: str = "default", paths: list[str] | None = None,
-                ranks: dict[str, tuple[int, float]] | None = None, saved_shared: dict | None = None) -> list[str]:
+                ranks: dict[str, tuple[int, float]] | None = None, saved_shared: dict | None = None,
+                peft_config: dict | None = None) -> list[str]:
     """Wrap the target linears (``paths``, or those ``spec`` selects) with a new adapter ``name``.
 
-    The adapter becomes active. ``ranks`` overrides ``(r, alpha)`` per path (an adapter file's own);
-    ``saved_shared`` holds the file's model-level tensors for a method that shares some (VeRA).
-    Returns the module paths it was added to.
+    The adapter becomes active. ``ranks``, ``saved_shared`` and ``peft_config`` describe an adapter
+    file (see :func:`build_adapters`). Returns the module paths it was added to.
 
     Raises:
         AdapterError: an invalid ``spec`` (every problem, each naming its ``adapter.<key>``), targets that
             match nothing, or a module that already has an adapter ``name``.
     """
     check_spec(spec)
-    entry = method(spec.method)
     paths = select_targets(model, spec) if paths is None else paths
     taken = [path for path in paths if isinstance(model.get_submodule(path), AdaptedLinear)
              and name in model.get_submodule(path).adapters]
     if taken:
         raise AdapterError(f"module {taken[0]} already has an adapter named {name!r}; pick another name")
-    shared = entry.shared.build(model, name, paths, spec, saved_shared) if entry.shared else None
-    for path in paths:
+    for path, adapter in build_adapters(model, spec, name, paths, ranks, saved_shared, peft_config).items():
         layer = _wrap(model, path)
-        r, alpha = (ranks or {}).get(path) or (entry.layer_rank(spec, path), spec.rank_and_alpha(path)[1])
-        adapter = entry.layer(layer.base_layer, r, entry.scaling(spec, r, alpha), spec.dropout, spec.init,
-                              spec.options, shared)
-        adapter.method_name = entry.name  # how files, export and serving find its registry entry
-        layer.adapters[name] = adapter.to(_device_of(layer.base_layer))
+        layer.adapters[name] = adapter
         layer.active.append(name)
     return paths
+
+
+def build_adapters(model: nn.Module, spec: AdapterSpec, name: str, paths: list[str],
+                   ranks: dict[str, tuple[int, float]] | None = None, saved_shared: dict | None = None,
+                   peft_config: dict | None = None) -> dict[str, nn.Module]:
+    """Module path -> a new adapter of ``spec``'s method, built against that module's base linear but not
+    put into the model (``add_adapter`` wraps them in; the serving engine only folds them).
+
+    ``ranks`` overrides ``(r, alpha)`` per path and ``saved_shared`` holds the model-level tensors of a
+    method that shares some (VeRA), both as an adapter file has them; ``peft_config``, the file's config,
+    lets each layer fit itself to the file (the method's ``after_load``).
+    """
+    entry = method(spec.method)
+    shared = entry.shared.build(model, name, paths, spec, saved_shared) if entry.shared else None
+    adapters = {}
+    for path in paths:
+        base = base_of(model.get_submodule(path))
+        r, alpha = (ranks or {}).get(path) or (entry.layer_rank(spec, path), spec.rank_and_alpha(path)[1])
+        adapter = entry.layer(base, r, entry.scaling(spec, r, alpha), spec.dropout, spec.init, spec.options, shared)
+        adapter.method_name = entry.name  # how files, export and serving find its registry entry
+        if peft_config is not None and entry.after_load is not None:
+            entry.after_load(adapter, path, peft_config)
+        adapters[path] = adapter.to(_device_of(base))
+    return adapters
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    """The base linear of a possibly adapted module."""
+    return module.base_layer if isinstance(module, AdaptedLinear) else module
 
 
 def _wrap(model: nn.Module, path: str) -> AdaptedLinear:

@@ -14,6 +14,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -291,19 +292,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     directory = Path(directory)
     config, tensors = read_adapter_dir(directory)
     weights = directory / WEIGHTS_NAME
-    spec = spec_from_peft_config(config, str(directory / CONFIG_NAME))
-    entry = method(spec.method)
-    shared_keys = entry.shared.keys if entry.shared else ()
-    per_module = group_by_module({k: v for k, v in tensors.items() if k not in shared_keys}, weights, model)
-    ranks = {path: (entry.rank_from_peft(config, module_tensors), spec.rank_and_alpha(path)[1])
-             for path, module_tensors in per_module.items()}
+    plan = plan_adapter(model, config, tensors, directory)
     try:
-        add_adapter(model, spec, name, paths=list(per_module), ranks=ranks,
-                    saved_shared={k: tensors[k] for k in shared_keys if k in tensors})
-        for path in per_module:
-            if entry.after_load is not None:
-                entry.after_load(model.get_submodule(path).adapters[name], path, config)
-        load_adapter_weights(model, name, {k: v for k, v in tensors.items() if k not in shared_keys}, directory)
+        add_adapter(model, plan.spec, name, paths=list(plan.ranks), ranks=plan.ranks, saved_shared=plan.saved_shared,
+                    peft_config=config)
+        load_adapter_weights(model, name, plan.layer_tensors, directory)
     except AdapterError as err:
         if name in adapter_names(model):
             delete_adapter(model, name)
@@ -312,7 +305,32 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         raise AdapterFormatError(f"{weights}: {err}") from None
     if base_model_name_or_path:
         _warn_if_other_base(config.get("base_model_name_or_path"), base_model_name_or_path, directory / CONFIG_NAME)
-    return spec
+    return plan.spec
+
+
+class AdapterPlan(NamedTuple):
+    """What an adapter file asks of a model: its spec, its per-layer tensors, each module's ``(r, alpha)``
+    and its model-level (shared) tensors."""
+
+    spec: AdapterSpec
+    layer_tensors: dict[str, torch.Tensor]
+    ranks: dict[str, tuple[int, float]]
+    saved_shared: dict[str, torch.Tensor]
+
+
+def plan_adapter(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], directory: Path) -> AdapterPlan:
+    """Read a PEFT adapter ``(config, tensors)`` from ``directory`` against ``model``, before building anything.
+
+    Raises ``AdapterFormatError``: an unsupported method or config, keys naming no linear module of ``model``.
+    """
+    spec = spec_from_peft_config(config, str(Path(directory) / CONFIG_NAME))
+    entry = method(spec.method)
+    shared_keys = entry.shared.keys if entry.shared else ()
+    layer_tensors = {k: v for k, v in tensors.items() if k not in shared_keys}
+    per_module = group_by_module(layer_tensors, Path(directory) / WEIGHTS_NAME, model)
+    ranks = {path: (entry.rank_from_peft(config, module_tensors), spec.rank_and_alpha(path)[1])
+             for path, module_tensors in per_module.items()}
+    return AdapterPlan(spec, layer_tensors, ranks, {k: tensors[k] for k in shared_keys if k in tensors})
 
 
 def _warn_if_other_base(trained_on, loaded_into: str, config_path: Path) -> None:
