@@ -106,7 +106,9 @@ def _segment_matmuls(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, seg
     """Add each run's update to ``out``; ``base`` holds the same tokens' base outputs (it may be ``out``)."""
     # One split per call instead of two slices per segment: at decode, segments are single tokens and
     # per-op overhead is most of the cost.
-    xs, outs, bases = x.split(segments.split_sizes), out.split(segments.split_sizes), base.split(segments.split_sizes)
+    xs, outs = x.split(segments.split_sizes), out.split(segments.split_sizes)
+    scaled_rows = any(pair is not None and pair[2] is not None for pair in weights)  # DoRA's; most batches have none
+    bases = base.split(segments.split_sizes) if scaled_rows else None
     for chunk, slot in segments.chunk_slots:
         pair = weights[slot]
         if pair is None:
