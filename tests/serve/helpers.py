@@ -3,6 +3,7 @@ a thread, and hooks that decide when engine steps run or fail."""
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -219,3 +220,11 @@ def open_stream(url: str, path: str, body: dict, headers=None):
     response = connection.getresponse()
     assert response.status == 200, response.read()
     return connection, response
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)

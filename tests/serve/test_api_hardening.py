@@ -15,7 +15,7 @@ from loraforge.models import tiny_model, tiny_tokenizer
 from loraforge.serve import Engine
 from loraforge.serve.api import create_app
 
-from .helpers import FaultyForward, ServerThread, StepGate, events, http, metric, open_stream
+from .helpers import FaultyForward, ServerThread, StepGate, events, http, metric, open_stream, wait_until
 
 KEY = "test-key"
 BASE = "tiny-llama"
@@ -206,6 +206,7 @@ def test_unloading_an_adapter_ends_its_open_streams_with_an_error_and_frees_its_
             reply=http("POST", url + "/v1/completions", {**body, "model": "hot", "stream": False}, AUTH)))
         blocking.start()
         try:
+            wait_until(lambda: engine.stats().waiting == 5, "all 5 requests submitted before the first step")
             gate.allow(3)
             gate.wait_steps(3)
             assert metric(url, "loraforge_requests_running", KEY) == 5
