@@ -6,6 +6,10 @@ Variants, each in its own subprocess (so peak RSS is its own), same model, batch
 - ``qlora-bf16``: the same with bf16 compute (where the CPU has bf16 units);
 - ``bnb-peft``: transformers ``BitsAndBytesConfig`` NF4 + DQ, PEFT LoRA (bitsandbytes' CPU path).
 
+The loraforge variants give freed memory back to the OS after each step, as loraforge's trainer does on
+CPU (``utils.memory.release_free_memory``); the step time includes it. bnb-peft runs as transformers +
+PEFT users run it, without.
+
 Models: the default model, and a random-initialised ~1.1B Llama (TinyLlama's shape) with ``--model 1b``.
 
     python benchmarks/qlora_vs_lora.py [--model default|1b] [--steps 6] [--seq 256] [--batch 4]
@@ -23,6 +27,7 @@ import time
 
 import torch
 
+from loraforge.utils.memory import release_free_memory
 from report import append_result, markdown_table
 
 VARIANTS = ("lora", "qlora", "qlora-bf16", "bnb-peft")
@@ -110,6 +115,8 @@ def worker(args) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if args.worker != "bnb-peft":
+            release_free_memory()  # as loraforge's trainer does after each step on CPU
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
     return {"step_s": statistics.median(times[1:]), "peak_rss_gb": peak_rss_gb(), "load_peak_rss_gb": load_peak,

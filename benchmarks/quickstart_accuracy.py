@@ -22,8 +22,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from report import append_result, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,12 +40,13 @@ def test_pairs() -> list[tuple[list[dict], str]]:
 
 
 def loraforge_accuracy(gguf_path: Path) -> float:
+    from loraforge.eval import EvalOptions, evaluate, read_eval_data
     from loraforge.models import load_model
-    from loraforge.train.evaluate import exact_match
 
     model, tokenizer = load_model(str(gguf_path), native_gguf=True)
-    accuracy, _ = exact_match(model, tokenizer, test_pairs(), "auto", 24, torch.device("cpu"))
-    return accuracy
+    data = read_eval_data(ROOT / "examples" / "data" / "quickstart_test.jsonl", "alpaca")
+    result = evaluate(model, tokenizer, data, options=EvalOptions(metrics=("exact_match",), max_new_tokens=24))
+    return result.scores["base"]["exact_match"]
 
 
 def llama_cpp_accuracy(gguf_path: Path) -> float | None:

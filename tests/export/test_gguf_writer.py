@@ -150,7 +150,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(writer, "_write", broken)
+    monkeypatch.setattr(writer, "open_writer", broken)
     with pytest.raises(OSError, match="disk full"):
         write_gguf(model_on("q4_1"), tiny_tokenizer(), target)
     assert target.read_bytes() == b"old"

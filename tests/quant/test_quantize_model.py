@@ -144,3 +144,33 @@ def test_int_type_groups_along_in_features_and_names_misfits():
     assert all(isinstance(m.qweight, IntKWeight) for m in model.modules() if isinstance(m, QuantLinear))
     with pytest.raises(ValueError, match=r"group_size 128 does not divide the in_features of: .*q_proj.*group_size 64"):
         quantize_model(tiny_model("tiny-llama"), bits=4, type="int", block_size=128)
+
+
+def _file_mappings(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings of ``path`` (Linux /proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and Path(fields[5]) == path:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/maps")
+def test_quantizing_a_memory_mapped_checkpoint_leaves_no_tensor_in_the_file(tmp_path):
+    """transformers maps safetensors files; a dense tensor left pointing into the mapping keeps every page of
+    the file read while quantizing resident. After quantize_model no tensor of the model points into it."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("tiny-llama").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    checkpoint = (tmp_path / "model.safetensors").resolve()
+    tensors = [*model.parameters(), *model.buffers()]
+    inside = lambda ranges: [t for t in tensors if any(lo <= t.data_ptr() < hi for lo, hi in ranges)]  # noqa: E731
+    assert inside(_file_mappings(checkpoint)), "the loader no longer maps the file: this test checks nothing"
+    quantize_model(model, compute_dtype="fp32")
+    tensors = [*model.parameters(), *model.buffers()]
+    assert not inside(_file_mappings(checkpoint))
+    if model.config.tie_word_embeddings:
+        assert model.get_input_embeddings().weight is model.get_output_embeddings().weight

@@ -9,6 +9,8 @@ from torch import nn
 from loraforge.adapters.layer import AdaptedLinear
 from loraforge.adapters.registry import method
 from loraforge.adapters.spec import AdapterError, AdapterSpec, check_spec
+from loraforge.models.kind import is_vision_language
+from loraforge.models.vision import vision_layout
 from loraforge.quant.base import QuantLinear
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -28,8 +30,58 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def select_targets(model: nn.Module, spec: AdapterSpec) -> list[str]:
-    """Module paths that ``spec.target_modules`` and ``spec.layers_to_transform`` pick, in model order."""
-    candidates = linear_modules(model)
+    """Module paths that ``spec.target_modules`` and ``spec.layers_to_transform`` pick, in model order.
+
+    In a vision-language model these reach only the language model; ``spec.vision`` adds vision-tower
+    linears and ``spec.projector`` the projector's (:func:`vision_targets`).
+
+    Raises:
+        AdapterError: targets that match nothing, or ``vision``/``projector`` on a model without a vision tower.
+    """
+    everything = linear_modules(model)
+    if not is_vision_language(model):
+        if spec.vision or spec.projector:
+            raise AdapterError("adapter.vision and adapter.projector apply to vision-language models; this model "
+                               "has no vision tower, so set them to false")
+        return _language_targets(everything, spec)
+    language = vision_layout(model).language + "."
+    chosen = _language_targets({p: m for p, m in everything.items() if p.startswith(language)}, spec)
+    extra = set(vision_targets(model, spec, everything))
+    return [path for path in everything if path in extra or path in chosen]
+
+
+def vision_targets(model: nn.Module, spec: AdapterSpec, candidates: dict[str, nn.Module]) -> list[str]:
+    """The vision-tower linears ``spec.vision`` picks (true: all; names; or a regex on full paths) and the
+    projector's when ``spec.projector``. The patch embedding is never one: it is a convolution, and nothing
+    under its path is offered."""
+    layout = vision_layout(model)
+    tower = [p for p in candidates if _inside(p, layout.vision) and not _inside(p, layout.projector)
+             and not _inside(p, layout.patch_embed)]
+    if spec.vision is True:
+        chosen = tower
+    elif isinstance(spec.vision, str):
+        chosen = [p for p in tower if re.fullmatch(spec.vision, p)]
+    elif spec.vision:
+        missing = [t for t in spec.vision if not any(_matches_name(p, t) for p in tower)]
+        if missing:
+            raise AdapterError(f"adapter.vision: {missing} match no linear of the vision tower; its linears are "
+                               f"{_leaf_names(tower)}")
+        chosen = [p for p in tower if any(_matches_name(p, t) for t in spec.vision)]
+    else:
+        chosen = []
+    if isinstance(spec.vision, str) and not chosen:
+        raise AdapterError(f"adapter.vision={spec.vision!r} matches no linear of the vision tower (full names such as "
+                           f"{tower[0] if tower else layout.vision})")
+    if spec.projector:
+        chosen += [p for p in candidates if _inside(p, layout.projector)]
+    return chosen
+
+
+def _inside(path: str, root: str) -> bool:
+    return path.startswith(root + ".")
+
+
+def _language_targets(candidates: dict[str, nn.Module], spec: AdapterSpec) -> list[str]:
     targets = spec.target_modules
     if targets == "all-linear":
         chosen = list(candidates)

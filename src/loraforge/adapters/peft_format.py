@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ from loraforge.adapters.inject import add_adapter, linear_modules
 from loraforge.adapters.model import adapted_layers, adapter_names, delete_adapter
 from loraforge.adapters.registry import METHODS, method, method_for_peft_config
 from loraforge.adapters.spec import AdapterError, AdapterSpec, check_spec
+from loraforge.models.kind import is_vision_language
 from loraforge.utils.atomic import atomic_dir
 
 CONFIG_NAME = "adapter_config.json"
@@ -58,6 +60,12 @@ def adapter_state_dict(model: nn.Module, name: str = "default", for_original_bas
     return {key: tensor.detach().contiguous().cpu() for key, tensor in state.items()}
 
 
+def paths_regex(paths: list[str]) -> str:
+    """A regex that PEFT's ``target_modules`` fullmatches against exactly these module paths (PEFT ignores
+    ``layers_to_transform`` for a regex, so the paths are listed, not generalised over layer indices)."""
+    return "|".join(re.escape(path) for path in paths)
+
+
 def peft_config(spec: AdapterSpec, model: nn.Module, name: str, base_model_name_or_path: str | None) -> dict:
     """PEFT's ``adapter_config.json`` for ``spec``: the fields every config has, the LoRA ones where the
     method's config is a LoRA one, and the method's own; ``target_modules`` lists the leaf names adapted."""
@@ -66,6 +74,8 @@ def peft_config(spec: AdapterSpec, model: nn.Module, name: str, base_model_name_
     targets = spec.target_modules if isinstance(spec.target_modules, str) and spec.target_modules != "all-linear" else (
         sorted({p.rsplit(".", 1)[-1] for p in paths})
     )
+    if is_vision_language(model):  # leaf names would also reach vision linears of the same name (gate_proj ...)
+        targets = paths_regex(paths)
     config = {
         "peft_type": entry.peft_type,
         "task_type": "CAUSAL_LM",

@@ -61,16 +61,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(info)
     info.set_defaults(handler=_info)
 
-    export = commands.add_parser("export", help="merge an adapter and write HF safetensors or a GGUF file")
+    estimate = commands.add_parser("estimate", help="will a config's training run fit in memory? (before loading)")
+    estimate.add_argument("config", help="path to the YAML config")
+    estimate.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_device(estimate)
+    estimate.set_defaults(handler=_estimate)
+
+    webui = commands.add_parser("webui", help="the browser UI: train, watch, compare, chat and export")
+    webui.add_argument("--host", default="127.0.0.1")
+    webui.add_argument("--port", type=int, default=7860)
+    webui.add_argument("--runs-dir", default="runs", help="folder the UI starts runs in and lists runs from")
+    webui.add_argument("--auth", metavar="USER:PASS", help="require this login")
+    webui.add_argument("--api-key", help="require this key as the password of user 'api' "
+                                         "(default: $LORAFORGE_API_KEY, if set)")
+    webui.set_defaults(handler=_webui)
+
+    export = commands.add_parser("export", help="merge an adapter into HF safetensors or a GGUF file, or write it as "
+                                                "a GGUF LoRA (llama.cpp) or an Ollama folder")
     source = export.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a training run folder: its base model is rebuilt as the run's config says "
                                       "(quantization included) and its adapter/ merged")
     source.add_argument("--model", help="a model source, for --adapter (dense base)")
     export.add_argument("--adapter", help="adapter directory (PEFT format) to merge into --model")
-    export.add_argument("--out", required=True, help="output folder (hf) or .gguf file (gguf)")
-    export.add_argument("--format", choices=["hf", "gguf"], default="hf")
-    export.add_argument("--gguf-type", default="auto", choices=["auto", "f16", "q8_0", "q4_1"],
-                        help="auto: keep quantized blocks losslessly (QA-LoRA), F16 elsewhere")
+    export.add_argument("--out", required=True, help="output folder (hf, ollama) or .gguf file (gguf, gguf-lora)")
+    export.add_argument("--format", choices=["hf", "gguf", "gguf-lora", "ollama"], default="hf",
+                        help="gguf-lora: the adapter alone, for llama.cpp --lora; ollama: Modelfile + GGUF LoRA")
+    export.add_argument("--gguf-type", default="auto", choices=["auto", "f32", "f16", "q8_0", "q4_1"],
+                        help="gguf: auto keeps quantized blocks losslessly (QA-LoRA), F16 elsewhere; "
+                             "gguf-lora/ollama: f32, f16 (auto) or q8_0")
     export.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="for hf")
     _add_device(export)
     export.set_defaults(handler=_export)
@@ -89,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-rank", type=int, default=64, help="largest adapter rank accepted")
     serve.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together per step")
     serve.add_argument("--threads", type=int, help="torch CPU threads")
+    serve.add_argument("--image-root", help="vision-language models: the only folder chat requests may name local "
+                                            "image files in (default: data: URLs only)")
     serve.add_argument("--public-metrics", action="store_true",
                        help="serve GET /metrics without the API key (by default the key guards it too)")
     _add_device(serve)
@@ -100,8 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", help="answer this one prompt and exit (otherwise: interactive)")
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--image", action="append", default=[], metavar="PATH",
+                      help="an image for the first prompt (repeatable; vision-language models)")
     _add_device(chat)
     chat.set_defaults(handler=_chat)
+
+    from loraforge.cli.eval import add_eval_parser
+
+    add_eval_parser(commands)
     return parser
 
 
@@ -152,6 +178,21 @@ def _info(args) -> int:
     return 0
 
 
+def _estimate(args) -> int:
+    from loraforge.cli.estimate import estimate
+
+    report, fits = estimate(args.config, args.overrides, args.device)
+    print(report)
+    return 0 if fits else 1
+
+
+def _webui(args) -> int:
+    from loraforge.cli.webui import webui
+
+    webui(args.host, args.port, args.runs_dir, args.auth, args.api_key)
+    return 0
+
+
 def _export(args) -> int:
     from loraforge.cli.export import export
 
@@ -173,14 +214,15 @@ def _serve(args) -> int:
         adapters[name] = path
     run_server(args.model, adapters, args.adapter_dir, args.host, args.port, args.api_key,
                int(args.pool_gb * 2**30), device=args.device, metrics_public=args.public_metrics,
-               max_rank=args.max_rank, max_num_seqs=args.max_num_seqs, threads=args.threads)
+               max_rank=args.max_rank, max_num_seqs=args.max_num_seqs, threads=args.threads,
+               image_root=args.image_root)
     return 0
 
 
 def _chat(args) -> int:
     from loraforge.cli.chat import chat
 
-    chat(args.model, args.adapter, args.prompt, args.system, args.max_new_tokens, args.device)
+    chat(args.model, args.adapter, args.prompt, args.system, args.max_new_tokens, args.device, args.image)
     return 0
 
 

@@ -205,7 +205,7 @@ class _Converter:
             if key not in self.data:
                 self.set(key, target, value)
         if "lora_alpha" not in self.data:
-            rank = self.data.get("lora_rank", DEFAULTS["lora_rank"])
+            rank = self.data.get("lora_rank", DEFAULTS["lora_rank"][1])
             self.set("lora_alpha", "adapter.alpha", 2 * rank if isinstance(rank, int) else rank)
         for key in ("model_name_or_path", "dataset"):
             if key not in self.data:
@@ -429,6 +429,18 @@ def _dataset_entry(conv: _Converter, key: str, name: str, info: Any, info_file: 
     return entry["file_name"], fmt, columns
 
 
+def _unfrozen(target: str) -> Callable[[_Converter, str, Any], None]:
+    """``freeze_vision_tower`` / ``freeze_multi_modal_projector``: with LoRA, LLaMA-Factory adapts that part
+    when it is not frozen, which is loraforge's ``adapter.vision`` / ``adapter.projector``."""
+    def handle(conv: _Converter, key: str, value: Any) -> None:
+        if not isinstance(value, bool):
+            conv.fail(key, f"expected true or false, got {value!r}")
+        else:
+            conv.set(key, target, not value)
+
+    return handle
+
+
 _HANDLERS: dict[str, Callable[[_Converter, str, Any], None]] = {
     "model_name_or_path": _model,
     "stage": _stage,
@@ -449,4 +461,6 @@ _HANDLERS: dict[str, Callable[[_Converter, str, Any], None]] = {
     "eval_strategy": _strategy(("steps", "no"), "loraforge evaluates every train.eval_steps steps (eval_steps)"),
     "evaluation_strategy": _strategy(("steps", "no"), "loraforge evaluates every train.eval_steps steps (eval_steps)"),
     "save_strategy": _strategy(("steps",), "loraforge checkpoints every train.save_steps steps (save_steps)"),
+    "freeze_vision_tower": _unfrozen("adapter.vision"),
+    "freeze_multi_modal_projector": _unfrozen("adapter.projector"),
 }

@@ -33,6 +33,7 @@ ChatTemplate = Literal["auto", "chatml"]
 Optimizer = Literal["adamw", "paged_adamw", "adamw_8bit"]
 Scheduler = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16"]
+OnOverflow = Literal["drop", "error"]
 
 
 
@@ -126,6 +127,12 @@ class AdapterConfig:
     target_modules: str | list[str] = setting("all-linear", "'all-linear' (every linear but the output head), a "
                                                              "list of module names, or a regex on full names.")
     layers_to_transform: list[int] | None = setting(None, "Only adapt these layer indices; null = all.", ge=0)
+    vision: bool | str | list[str] = setting(False, "Vision-language models: also adapt the vision tower's linears: "
+                                                     "true (all of them), a list of module names, or a regex on full "
+                                                     "names (e.g. '.*visual\\.blocks\\.\\d+\\.attn\\.qkv'). "
+                                                     "target_modules only reaches the language model; the patch "
+                                                     "embedding is never adapted.")
+    projector: bool = setting(False, "Vision-language models: also adapt the projector's linears (visual.merger).")
     rank_pattern: dict[str, int] = setting({}, "Per-module rank: {module-name pattern: r}.", gt=0)
     alpha_pattern: dict[str, float] = setting({}, "Per-module alpha: {module-name pattern: alpha}.", gt=0)
     options: Any = field(default=None, metadata={
@@ -151,6 +158,13 @@ class AdapterConfig:
             problems += METHODS[self.method].problems(self)
             if self.options is not None and hasattr(self.options, "check"):
                 problems += [(f"options.{key}", message) for key, message in self.options.check()]
+        if isinstance(self.vision, list) and not self.vision:
+            problems.append(("vision", "an empty list adapts nothing; use false, true, names or a regex"))
+        elif isinstance(self.vision, str):
+            try:
+                re.compile(self.vision)
+            except re.error as e:
+                problems.append(("vision", f"not a valid regex ({e}): {self.vision!r}"))
         if isinstance(self.target_modules, list):
             if not self.target_modules:
                 problems.append(("target_modules", "must name at least one module"))
@@ -192,6 +206,9 @@ class DataConfig:
     template: ChatTemplate = setting("auto", "auto (the tokenizer's own chat template, ChatML if it has none) | "
                                              "chatml.")
     test_max_new_tokens: int = setting(32, "Generation budget per test_files sample.", gt=0)
+    on_overflow: OnOverflow = setting("drop", "Vision-language data: a sample whose image tokens reach past "
+                                              "cutoff_len is dropped (counted, first file:line refs printed) | "
+                                              "error (the run stops there). Images are never cut.")
 
     def check(self) -> list[tuple[str, str]]:
         problems = []

@@ -9,7 +9,8 @@ from pathlib import Path
 from torch import nn
 
 from loraforge.export.gguf_writer import GGUF_TYPES, GGUFExportError, GGUFExportReport, write_gguf
-from loraforge.export.merge import DTYPES, merged_state_dict, save_merged_hf
+from loraforge.export.merge import DTYPES, VLM_GGUF_REFUSAL, merged_state_dict, save_merged_hf
+from loraforge.models.kind import is_vision_language
 
 FORMATS = ("hf", "gguf")
 
@@ -56,6 +57,8 @@ def export_model(
     if format == "hf":
         return HFExportReport(save_merged_hf(model, tokenizer, out_path, dtype), dtype)
     if format == "gguf":
+        if is_vision_language(model):
+            raise GGUFExportError(VLM_GGUF_REFUSAL)
         return write_gguf(model, tokenizer, out_path, gguf_type, metadata_from)
     raise ValueError(f"export format {format!r} is not supported; choose one of {list(FORMATS)}")
 

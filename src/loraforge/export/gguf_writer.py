@@ -33,17 +33,16 @@ from torch import nn
 from loraforge.export.merge import linear_layers, merged_dense_weight, merged_quantized_weight
 from loraforge.models.gguf_native import (
     GGUF_SOURCE_ATTR,
-    PERMUTED_ARCHITECTURES,
+    MODEL_TYPE_TO_ARCH,
     gguf_tensor_name,
     open_gguf,
-    rope_row_order,
+    qk_row_order,
 )
 from loraforge.quant.base import QuantizedWeight
 from loraforge.quant.gguf_blocks import BLOCK_SIZE, QUANTIZERS, GGUFBlockWeight, Q4_0Weight, Q4_1Weight, Q8_0Weight
 from loraforge.quant.intk import IntKWeight
 
 GGUF_TYPES = ("auto", "f16", "q8_0", "q4_1")
-MODEL_TYPE_TO_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _COPIED_PREFIXES = ("general.", "tokenizer.")
 _NOT_COPIED = ("general.architecture", "general.file_type", "general.quantization_version")
 
@@ -119,40 +118,51 @@ def write_gguf(
     if gguf_type not in GGUF_TYPES:
         raise GGUFExportError(f"gguf_type {gguf_type!r} is not supported; choose one of {list(GGUF_TYPES)}")
     config = model.config
-    arch = MODEL_TYPE_TO_ARCH.get(config.model_type)
-    if arch is None:
-        raise GGUFExportError(
-            f"model type {config.model_type!r} can't be exported to GGUF; supported: {sorted(MODEL_TYPE_TO_ARCH)}"
-        )
+    arch = gguf_architecture(config)
     out_path = Path(out_path)
     report = GGUFExportReport(out_path, gguf_type)
     tensors = _tensors(model, arch, gguf_type, report)
     metadata_from = metadata_from or getattr(model, GGUF_SOURCE_ATTR, None)
     source = open_gguf(metadata_from) if metadata_from else None
+    write_gguf_file(out_path, arch, _metadata(arch, config, tokenizer, source, report), tensors)
+    return report
+
+
+def gguf_architecture(config) -> str:
+    """The GGUF ``general.architecture`` of a transformers config, or a ``GGUFExportError``."""
+    arch = MODEL_TYPE_TO_ARCH.get(config.model_type)
+    if arch is None:
+        raise GGUFExportError(
+            f"model type {config.model_type!r} can't be exported to GGUF; supported: {sorted(MODEL_TYPE_TO_ARCH)}"
+        )
+    return arch
+
+
+def write_gguf_file(out_path: Path, arch: str, metadata: list[tuple], tensors: list[tuple]) -> None:
+    """Write a GGUF file atomically: under a temporary name beside ``out_path``, fsynced, then renamed.
+
+    ``metadata``: ``(key, value, GGUFValueType, item type or None)``; ``tensors``: ``(name, numpy array,
+    GGMLQuantizationType or None)``.
+    """
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        _write(tmp, arch, config, tokenizer, source, tensors, report)
+        writer = open_writer(tmp, arch)
+        for key, value, vtype, sub_type in metadata:
+            writer.add_key_value(key, value, vtype, sub_type)
+        for name, array, raw_type in tensors:
+            writer.add_tensor(name, array, raw_dtype=raw_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return report
-
-
-def _write(tmp: str, arch: str, config, tokenizer, source, tensors, report: GGUFExportReport) -> None:
-    writer = open_writer(tmp, arch)
-    for key, value, vtype, sub_type in _metadata(arch, config, tokenizer, source, report):
-        writer.add_key_value(key, value, vtype, sub_type)
-    for name, array, raw_type in tensors:
-        writer.add_tensor(name, array, raw_dtype=raw_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
 
 
 def open_writer(path: str | os.PathLike, arch: str):
@@ -202,7 +212,7 @@ def _tensors(model: nn.Module, arch: str, gguf_type: str, report: GGUFExportRepo
             out.append(_embedding_like(name, merged_dense_weight(layer), gguf_type, report))
             continue
         name = _name(path, "weight")
-        rows = _rows(name, config, arch)
+        rows = qk_row_order(name, layer.out_features, config, arch, to_gguf=True)
         out.append(_linear(name, layer, gguf_type, rows, report))
         bias = (layer.base_layer if hasattr(layer, "base_layer") else layer).bias
         if bias is not None:
@@ -235,16 +245,6 @@ def _order(name: str) -> tuple:
     return (1 << 30, name)
 
 
-def _rows(name: str, config, arch: str) -> torch.Tensor | None:
-    if arch not in PERMUTED_ARCHITECTURES:
-        return None
-    if ".attn_q." in name:
-        return rope_row_order(config.num_attention_heads * config.head_dim, config.num_attention_heads, to_gguf=True)
-    if ".attn_k." in name:
-        return rope_row_order(config.num_key_value_heads * config.head_dim, config.num_key_value_heads, to_gguf=True)
-    return None
-
-
 def lossless_blocks(weight: QuantizedWeight | None, gguf_type: str) -> GGUFBlockWeight | None:
     """``weight`` as GGUF blocks of a type ``gguf_type`` allows, when that needs no rounding; else None."""
     if weight is None or gguf_type == "f16":
@@ -269,19 +269,20 @@ def _linear(name: str, layer: nn.Module, gguf_type: str, rows, report: GGUFExpor
     if rows is not None:
         dense = dense[rows]
     target = "f16" if gguf_type == "auto" else gguf_type
-    return _encode_dense(name, dense, target, report)
+    return encode_dense(name, dense, target, report)
 
 
 def _embedding_like(name: str, weight: torch.Tensor, gguf_type: str, report: GGUFExportReport) -> tuple:
-    return _encode_dense(name, weight, "f16" if gguf_type == "f16" else "q8_0", report)
+    return encode_dense(name, weight, "f16" if gguf_type == "f16" else "q8_0", report)
 
 
-def _encode_dense(name: str, weight: torch.Tensor, target: str, report: GGUFExportReport) -> tuple:
-    """Round a dense fp32 weight to F16 or GGUF blocks, recording the error."""
-    if target != "f16" and weight.shape[-1] % BLOCK_SIZE:
+def encode_dense(name: str, weight: torch.Tensor, target: str, report: GGUFExportReport) -> tuple:
+    """Write a dense fp32 tensor as F32, F16 or GGUF blocks (F16 when its rows aren't whole blocks),
+    recording the type and the rounding error in ``report``. Returns ``(name, numpy array, raw type)``."""
+    if target not in ("f32", "f16") and weight.shape[-1] % BLOCK_SIZE:
         target = "f16"
-    if target == "f16":
-        written = weight.half()
+    if target in ("f32", "f16"):
+        written = weight.float() if target == "f32" else weight.half()
         array, raw_type, values = _numpy(written), None, written.float()
     else:
         blocks = QUANTIZERS[target](weight)

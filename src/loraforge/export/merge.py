@@ -24,6 +24,13 @@ from loraforge.utils.atomic import atomic_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+VLM_GGUF_REFUSAL = (
+    "GGUF export of a vision-language model is not supported: llama.cpp runs Qwen2-VL/Qwen2.5-VL as two files, "
+    "the language model (architecture qwen2vl, with its M-RoPE sections) and a separate multimodal projector "
+    "(mmproj) file holding the vision tower, and loraforge writes neither. Export with --format hf (the merged "
+    "model), then convert that folder with llama.cpp's convert_hf_to_gguf.py, once as is and once with --mmproj"
+)
+
 
 def pending_adapters(layer: AdaptedLinear) -> list[nn.Module]:
     """The adapters whose update the forward pass adds on top of the base weight (active, not merged)."""
@@ -115,8 +122,10 @@ def save_merged_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike, dtyp
     name next to ``out_dir`` and renamed into place; an existing ``out_dir`` is replaced only then.
 
     Args:
-        model: a Hugging Face causal LM, with or without adapters and quantized layers.
-        tokenizer: saved with ``save_pretrained``; None to skip.
+        model: a Hugging Face causal LM or vision-language model, with or without adapters and quantized
+            layers (a vision-language model's vision tower and projector are merged the same way).
+        tokenizer: saved with ``save_pretrained`` (a vision-language model's ``VisionProcessor`` saves its
+            tokenizer, image processor and chat template); None to skip.
         out_dir: the directory to create or replace.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
 

@@ -35,6 +35,9 @@ ARCHITECTURES = ("llama", "qwen2")
 PERMUTED_ARCHITECTURES = ("llama",)
 """Architectures whose q/k rows llama.cpp's converter permutes (Qwen2's it leaves alone)."""
 
+MODEL_TYPE_TO_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+"""transformers ``model_type`` -> the GGUF ``general.architecture`` llama.cpp knows it by."""
+
 DENSE_TYPES = ("F32", "F16", "BF16")
 
 NATIVE_TYPES = (*(name.upper() for name in BLOCK_FORMATS), *DENSE_TYPES)
@@ -233,11 +236,11 @@ def _fill(model: nn.Module, reader, arch: str, dtype: torch.dtype, path: Path) -
         module_path, kind = target
         type_name = tensor.tensor_type.name
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-        rows = _row_order(tensor.name, shape[0], config, arch)
+        rows = qk_row_order(tensor.name, shape[0], config, arch, to_gguf=False)
         raw = torch.from_numpy(np.array(tensor.data))
         module = model.get_submodule(module_path)
         if kind == "bias":
-            biases[module_path] = _dense(raw, tensor.name, type_name, shape, dtype, rows, path)
+            biases[module_path] = dense_values(raw, tensor.name, type_name, shape, dtype, rows, path)
         elif isinstance(module, nn.Linear) and module_path != "lm_head" and type_name.lower() in BLOCK_FORMATS:
             weight = BLOCK_FORMATS[type_name.lower()].from_gguf_bytes(raw, shape)
             if rows is not None:
@@ -246,7 +249,7 @@ def _fill(model: nn.Module, reader, arch: str, dtype: torch.dtype, path: Path) -
         else:
             if type_name not in DENSE_TYPES and type_name.lower() not in BLOCK_FORMATS:
                 dequantized.setdefault(type_name, []).append(tensor.name)
-            _set_dense(module, kind, _dense(raw, tensor.name, type_name, shape, dtype, rows, path), tensor.name, path)
+            _set_dense(module, kind, dense_values(raw, tensor.name, type_name, shape, dtype, rows, path), tensor.name, path)
     for module_path, bias in biases.items():
         module = model.get_submodule(module_path)
         if isinstance(module, QuantLinear):
@@ -261,17 +264,20 @@ def _fill(model: nn.Module, reader, arch: str, dtype: torch.dtype, path: Path) -
         )
 
 
-def _row_order(name: str, n_rows: int, config, arch: str) -> torch.Tensor | None:
+def qk_row_order(name: str, n_rows: int, config, arch: str, to_gguf: bool) -> torch.Tensor | None:
+    """Row indices (``rows[index]``) that apply (``to_gguf``) or undo llama.cpp's RoPE permutation on the
+    output rows of GGUF tensor ``name`` (``blk.N.attn_q.*`` / ``attn_k.*`` of a permuted architecture;
+    a LoRA's ``lora_b`` included), or None for every other tensor."""
     if arch not in PERMUTED_ARCHITECTURES:
         return None
     if ".attn_q." in name:
-        return rope_row_order(n_rows, config.num_attention_heads, to_gguf=False)
+        return rope_row_order(n_rows, config.num_attention_heads, to_gguf)
     if ".attn_k." in name:
-        return rope_row_order(n_rows, config.num_key_value_heads, to_gguf=False)
+        return rope_row_order(n_rows, config.num_key_value_heads, to_gguf)
     return None
 
 
-def _dense(raw: torch.Tensor, name: str, type_name: str, shape: tuple[int, ...], dtype: torch.dtype, rows,
+def dense_values(raw: torch.Tensor, name: str, type_name: str, shape: tuple[int, ...], dtype: torch.dtype, rows,
            path: Path) -> torch.Tensor:
     """Tensor ``name``'s values as a dense ``dtype`` tensor of ``shape`` (rows already in HF order).
 

@@ -6,11 +6,13 @@ import torch
 from torch import nn
 
 from loraforge.config import ModelConfig
+from loraforge.models.kind import is_vision_language
 from loraforge.models.sources import DTYPES, load_model
+from loraforge.models.vision import vision_layout
 
 
 def load_base(config: ModelConfig, device: torch.device):
-    """``(model, tokenizer)``: the source loaded in ``config.dtype`` (or a GGUF's own blocks with
+    """``(model, tokenizer)`` (a ``VisionProcessor`` for a vision-language model): the source loaded in ``config.dtype`` (or a GGUF's own blocks with
     ``quantization.type: gguf``), quantized as ``config.quantization`` says, and moved to ``device``.
 
     Training, export and ``loraforge info`` build their base through here, so an exported run merges into
@@ -34,5 +36,9 @@ def _quantize(model: nn.Module, config: ModelConfig) -> nn.Module:
     from loraforge.quant.quantize_model import quantize_model
 
     size = quant.block_size if quant.block_size is not None else quant.group_size
+    if is_vision_language(model):  # QLoRA quantizes the language model; the vision tower stays dense
+        quantize_model(model.get_submodule(vision_layout(model).language), bits=quant.bits, type=quant.type,
+                       double_quant=bool(quant.double_quant), block_size=size, compute_dtype=quant.compute_dtype)
+        return model
     return quantize_model(model, bits=quant.bits, type=quant.type, double_quant=bool(quant.double_quant),
                           block_size=size, compute_dtype=quant.compute_dtype)

@@ -7,7 +7,13 @@ Sources:
 - a Hugging Face model directory (``config.json`` + ``*.safetensors``); pickled ``*.bin`` weights are
   refused, since loading them would unpickle a user file;
 - a path to a ``.gguf`` file of a Llama-family architecture;
-- ``tiny-llama`` / ``tiny-qwen2`` / ``tiny-mistral``: random models built in-process (tests).
+- ``tiny-llama`` / ``tiny-qwen2`` / ``tiny-mistral``: random models built in-process (tests);
+- ``tiny-qwen2.5-vl``: a random vision-language model and its offline processor (tests).
+
+Every model is returned with its kind recorded (``models.kind.model_kind``): a Qwen2-VL / Qwen2.5-VL
+folder (``config.json`` ``model_type`` in ``models.vision.VLM_MODEL_TYPES``) or the tiny VLM is
+``vision_language`` and comes with a ``VisionProcessor`` instead of a tokenizer; everything else is a
+``causal_lm``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loraforge.models.kind import CAUSAL_LM, set_kind
 from loraforge.models.tiny import TINY_FAMILIES, tiny_model, tiny_tokenizer
+from loraforge.models.tiny_vlm import TINY_VLM, tiny_vlm, tiny_vlm_processor
+from loraforge.models.vision import VLM_MODEL_TYPES, load_vlm_dir, read_model_type
 from loraforge.utils.atomic import atomic_dir
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,7 +44,8 @@ class ModelSourceError(ValueError):
 
 
 def load_model(source: str = "default", dtype: str = "float32", native_gguf: bool = False):
-    """Load ``source`` (see module docstring) and return ``(model, tokenizer)`` with the model in eval mode.
+    """Load ``source`` (see module docstring) and return ``(model, tokenizer)`` with the model in eval mode
+    (``(model, VisionProcessor)`` for a vision-language model; ``models.kind.model_kind(model)`` says which).
 
     ``native_gguf``: for ``default`` or a ``.gguf`` source, keep the file's quantized blocks (Q4_0, Q4_1,
     Q8_0) bit-exactly in ``QuantLinear`` layers computing in ``dtype``, instead of dequantizing them.
@@ -44,21 +54,25 @@ def load_model(source: str = "default", dtype: str = "float32", native_gguf: boo
 
     hf_logging.disable_progress_bar()
     torch_dtype = _torch_dtype(dtype)
-    if native_gguf:
-        return _load_gguf_native(source, torch_dtype)
-    if source in TINY_FAMILIES:
-        return tiny_model(source).to(torch_dtype), tiny_tokenizer()
-    if source == "default":
-        return _load_hf_dir(_cached_default_dir(), torch_dtype)
     path = Path(source).expanduser()
-    if path.suffix == ".gguf":
-        return _load_gguf(path, torch_dtype)
-    if path.is_dir():
+    if native_gguf:
+        model, tokenizer = _load_gguf_native(source, torch_dtype)
+    elif source == TINY_VLM:
+        return tiny_vlm().to(torch_dtype), tiny_vlm_processor()
+    elif source in TINY_FAMILIES:
+        model, tokenizer = tiny_model(source).to(torch_dtype), tiny_tokenizer()
+    elif source == "default":
+        return _load_hf_dir(_cached_default_dir(), torch_dtype)
+    elif path.suffix == ".gguf":
+        model, tokenizer = _load_gguf(path, torch_dtype)
+    elif path.is_dir():
         return _load_hf_dir(path, torch_dtype)
-    raise ModelSourceError(
-        f"model source {source!r}: no such directory or .gguf file. Use 'default' (the embedded "
-        f"SmolLM2-135M-Instruct), a Hugging Face model directory, a .gguf file, or one of {sorted(TINY_FAMILIES)}."
-    )
+    else:
+        raise ModelSourceError(
+            f"model source {source!r}: no such directory or .gguf file. Use 'default' (the embedded SmolLM2-135M-"
+            f"Instruct), a Hugging Face model directory, a .gguf file, or one of {sorted([*TINY_FAMILIES, TINY_VLM])}."
+        )
+    return set_kind(model, CAUSAL_LM), tokenizer
 
 
 def _load_gguf_native(source: str, dtype: torch.dtype):
@@ -115,10 +129,14 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         hint = f" It holds {found}: loraforge never unpickles weight files; convert them to safetensors." if found else ""
         raise ModelSourceError(f"{path}: no *.safetensors weights.{hint}")
+    model_type = read_model_type(path)
+    if model_type in VLM_MODEL_TYPES:
+        with _transformers_errors(path):
+            return load_vlm_dir(path, model_type, dtype)
     with _transformers_errors(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer
+    return set_kind(model.eval(), CAUSAL_LM), tokenizer
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):

@@ -20,6 +20,7 @@ from loraforge.quant.base import QuantizedWeight, QuantLinear
 from loraforge.quant.blockwise4bit import BLOCK_SIZES, Blockwise4bitWeight
 from loraforge.quant.gguf_blocks import BLOCK_FORMATS
 from loraforge.quant.intk import IntKWeight, quantize_intk
+from loraforge.utils.memory import copy_to_anonymous_memory, release_free_memory
 
 
 def _blockwise_4bit(format: str) -> Callable[[torch.Tensor, int, int, bool], QuantizedWeight]:
@@ -75,7 +76,9 @@ def quantize_model(
     """Replace every ``nn.Linear`` but the output head by a frozen ``QuantLinear``, one layer at a time.
 
     Each dense weight is quantized on its own device and dropped as soon as its layer is replaced, so the
-    model never holds more than one extra layer. Returns ``model`` (changed in place).
+    model never holds more than one extra layer. The dense weights left (embeddings, norms, head) are then
+    copied out of any memory-mapped checkpoint, so that the file's pages read while quantizing leave RSS
+    (``utils.memory``). Returns ``model`` (changed in place).
 
     Args:
         model: a module; the output head is ``model.get_output_embeddings()`` when the model has one,
@@ -118,6 +121,8 @@ def quantize_model(
         layer = model.get_submodule(name)
         weight = quantize(layer.weight.detach(), bits, block_size, double_quant)
         model.set_submodule(name, QuantLinear(weight, layer.bias, dtype))
+    copy_to_anonymous_memory(model, skip=(QuantLinear,))
+    release_free_memory()
     return model
 
 

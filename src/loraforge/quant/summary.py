@@ -20,15 +20,20 @@ def quant_summary(model: nn.Module) -> dict:
       NF4 with double quantization at block size 64 gives 4 + 8/64 + 32/(64*256) + 32/n ≈ 4.127;
     - ``total_bytes``: bytes of every parameter and buffer of the model, each storage counted once
       (tied weights are not counted twice);
+    - ``compute_dtypes``: quantized layers per matmul dtype (``float32`` where bf16 was asked for on a device
+      without bf16 units: ``quantize_model.resolve_compute_dtype`` falls back);
     - ``params``: logical parameter count, dense parameters plus ``quantized_params``;
     - ``trainable_params``: elements of parameters with ``requires_grad``.
     """
     formats: dict[str, int] = {}
+    compute_dtypes: dict[str, int] = {}
     quantized_params = quantized_bytes = 0
     for module in model.modules():
         if isinstance(module, QuantLinear):
             weight = module.qweight
             formats[weight.format] = formats.get(weight.format, 0) + 1
+            dtype = str(module.compute_dtype).removeprefix("torch.")
+            compute_dtypes[dtype] = compute_dtypes.get(dtype, 0) + 1
             quantized_params += weight.shape[0] * weight.shape[1]
             quantized_bytes += weight.nbytes
     parameters = list(model.parameters())
@@ -38,6 +43,7 @@ def quant_summary(model: nn.Module) -> dict:
     return {
         "quantized_layers": sum(formats.values()),
         "formats": formats,
+        "compute_dtypes": compute_dtypes,
         "quantized_params": quantized_params,
         "quantized_bytes": quantized_bytes,
         "bits_per_param": 8 * quantized_bytes / quantized_params if quantized_params else None,

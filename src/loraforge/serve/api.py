@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from loraforge.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from loraforge.serve.chat_images import vision_prompt
 from loraforge.serve.engine import Delta, Engine, EngineConfig, Request
 from loraforge.serve.errors import EngineClosedError, RequestTooLargeError, UnknownAdapterError
 from loraforge.serve.http_errors import APIError
@@ -72,6 +73,7 @@ def create_app(
     shutdown_timeout: float = 10.0,
     max_body_bytes: int = MAX_BODY_BYTES,
     body_timeout: float = BODY_TIMEOUT,
+    image_root: str | os.PathLike | None = None,
 ) -> FastAPI:
     """The HTTP app serving ``engine`` as ``model_name`` (its base model) plus every registered adapter.
 
@@ -79,9 +81,11 @@ def create_app(
     off). ``api_key``: when set, required as a bearer token on every path but ``/health``, and
     ``/metrics`` unless ``metrics_public``. On shutdown, requests still running after
     ``shutdown_timeout`` seconds end with an error. A request body over ``max_body_bytes`` is answered
-    413, one that takes more than ``body_timeout`` seconds to arrive 408.
+    413, one that takes more than ``body_timeout`` seconds to arrive 408. ``image_root``: the only folder a
+    vision-language model's chat may read local image files from (None = data URLs only).
     """
     root = Path(adapter_root).resolve() if adapter_root is not None else None
+    image_dir = Path(image_root).resolve() if image_root is not None else None
     http_requests: Counter = Counter()
 
     @asynccontextmanager
@@ -157,13 +161,17 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody):
         adapter = adapter_of(body.model)
-        if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
+        if engine.processor is None and (engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None)):
             raise APIError(400, "this model has no chat template; use /v1/completions")
-        messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
-        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        images = []
+        if engine.processor is not None:
+            prompt_ids, images = await run_in_threadpool(vision_prompt, engine.processor, body.messages, image_dir)
+        else:
+            messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
+            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        request = Request(prompt_ids, _sampling(body, max_tokens), adapter)
+        request = Request(prompt_ids, _sampling(body, max_tokens), adapter, images=images)
         return await _respond(engine, body, [request], "chat.completion", "chatcmpl")
 
     @app.post("/v1/load_lora_adapter")
@@ -210,6 +218,8 @@ def _text(content) -> str:
         return ""
     if isinstance(content, str):
         return content
+    if any(part.type == "image_url" for part in content):
+        raise APIError(400, "this model takes no images; image_url parts need a vision-language model", param="messages")
     return "".join(part.text for part in content)
 
 
@@ -460,12 +470,14 @@ def run_server(
     threads: int | None = None,
     shutdown_timeout: float = 10.0,
     log_level: str = "info",
+    image_root: str | os.PathLike | None = None,
 ) -> None:
     """Load ``model_source``, register ``adapters`` (name -> PEFT directory) and every adapter folder in
     ``adapter_dir``, and serve the OpenAI-compatible API on ``host:port`` until interrupted.
 
     ``api_key`` falls back to the ``LORAFORGE_API_KEY`` environment variable; no key means no auth.
-    ``metrics_public`` opens ``/metrics`` to callers without the key. ``adapter_dir`` is also the root
+    ``metrics_public`` opens ``/metrics`` to callers without the key. ``image_root``: the folder a
+    vision-language model's chat may read local images from. ``adapter_dir`` is also the root
     that ``/v1/load_lora_adapter`` may load from. ``device``: where the model runs (``cpu``, ``cuda``,
     ``cuda:N``; None: CUDA when visible, else the CPU). ``threads`` sets torch's thread count (None:
     torch's default). Raises ``ValueError`` for an adapter name given twice.
@@ -486,6 +498,9 @@ def run_server(
                     max_rank=max_rank, max_num_seqs=max_num_seqs)
     name = model_name or served_name(model_source)
     app = create_app(engine, name, adapter_root=adapter_dir, api_key=api_key, metrics_public=metrics_public,
-                     shutdown_timeout=shutdown_timeout)
+                     shutdown_timeout=shutdown_timeout, image_root=image_root)
     log.info("serving %s with adapters %s on http://%s:%d", name, engine.adapter_names, host, port)
-    make_server(app, host, port, log_level).run()
+    try:
+        make_server(app, host, port, log_level).run()
+    except KeyboardInterrupt:
+        pass  # uvicorn shut down gracefully on Ctrl-C, then raised it again: serving ended as asked

@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from loraforge.adapters.fold import fold_adapter
-from loraforge.adapters.peft_format import read_adapter_dir
+from loraforge.adapters.gguf_lora import read_adapter
+from loraforge.data.images import ImageRef
 from loraforge.models.device import resolve_device
+from loraforge.models.kind import is_vision_language
 from loraforge.serve.adapter_store import AdapterStore
 from loraforge.serve.errors import EngineClosedError, RequestTooLargeError, UnknownAdapterError
 from loraforge.serve.memory_pool import PagePool
@@ -39,6 +41,7 @@ from loraforge.serve.runner import ModelRunner
 from loraforge.serve.sampling import SamplingParams, make_generator, sample
 from loraforge.serve.scheduler import Scheduler, Sequence, group_by_adapter, pack_step
 from loraforge.serve.text import TextStream
+from loraforge.serve.vision import PromptVision
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,9 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None
     request_id: str | None = None
+    images: Seq[ImageRef] = ()
+    """For a vision-language model: the images whose (already expanded) image tokens the prompt holds, in
+    order (``data.vision.prompt_sample`` builds such a prompt)."""
 
 
 @dataclass
@@ -175,7 +181,8 @@ class _Live:
 
 
 class Engine:
-    """Serve ``model`` (a loaded Llama-family HF causal LM) with many LoRA adapters; see the module docstring.
+    """Serve ``model`` (a loaded Llama-family HF causal LM, or a Qwen2-VL / Qwen2.5-VL model with its
+    ``VisionProcessor`` as ``tokenizer``) with many LoRA adapters; see the module docstring.
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N``; None: CUDA when visible, else the CPU) is where the model
     is moved and the memory pool allocated. ``adapters`` maps names to PEFT adapter directories to
@@ -194,6 +201,9 @@ class Engine:
     ):
         self.config = replace(config or EngineConfig(), **settings)
         self.runner = ModelRunner(model.to(resolve_device(None if device is None else str(device))))
+        self.processor = tokenizer if is_vision_language(model) else None
+        """A vision-language model's ``VisionProcessor`` (None for a text model); ``tokenizer`` is then its tokenizer."""
+        tokenizer = tokenizer.tokenizer if self.processor is not None else tokenizer
         self.tokenizer = tokenizer
         self.block_size = self.config.block_size or _auto_block_size(self.runner, self.config.max_rank)
         page_numel = kv_page_numel(self.runner.num_layers, self.runner.num_kv_heads, self.runner.head_dim, self.block_size)
@@ -236,12 +246,13 @@ class Engine:
     # adapters -----------------------------------------------------------------------------------
 
     def register_adapter(self, name: str, path: str | os.PathLike, pinned: bool = False) -> None:
-        """Register the PEFT adapter (any registry method) in directory ``path`` as ``name``, while requests run.
+        """Register the adapter at ``path`` as ``name``, while requests run: a PEFT adapter folder (any registry
+        method) or a GGUF LoRA file, as llama.cpp takes it.
 
         Raises ``AdapterFormatError`` (unsupported type, shapes that don't fit, rank above
         ``max_rank``, missing or corrupt files) or ``ValueError`` (name taken).
         """
-        config, tensors = read_adapter_dir(path)  # read outside the lock: steps go on meanwhile
+        config, tensors = read_adapter(path, self.runner.model.config)  # outside the lock: steps go on meanwhile
         self.register_adapter_weights(name, config, tensors, source=str(path), pinned=pinned)
 
     def register_adapter_weights(
@@ -472,12 +483,33 @@ class Engine:
         if request.adapter is not None and request.adapter not in self.store.adapters:
             raise UnknownAdapterError(f"no adapter named {request.adapter!r} is registered")
         max_tokens = self._max_tokens(len(prompt_ids), params.max_tokens, request.adapter)
+        vision = self._vision(prompt_ids, request.images)
         request_id = request.request_id or f"req-{next(self._next_id)}"
-        seq = Sequence(request_id, prompt_ids, params, max_tokens, adapter_name=request.adapter)
+        seq = Sequence(request_id, prompt_ids, params, max_tokens, adapter_name=request.adapter, vision=vision)
         handle = RequestHandle(request_id, request.adapter, prompt_ids, sink)
         generator = None if params.greedy else make_generator(params.seed)
         text = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
         return _Live(seq, handle, generator, text)
+
+    def _vision(self, prompt_ids: list[int], images: Seq[ImageRef]) -> PromptVision | None:
+        """The pixels and M-RoPE positions of a prompt with images; None for a text prompt.
+
+        Raises ``ValueError``: images for a text model, or image tokens that don't match the images."""
+        processor = self.processor
+        if processor is None:
+            if images:
+                raise ValueError("this model takes no images; serve a vision-language model (Qwen2-VL, Qwen2.5-VL)")
+            return None
+        found = prompt_ids.count(processor.image_token_id)
+        if not images:
+            if found:
+                raise ValueError(f"the prompt holds {found} image tokens but the request has no images")
+            return None
+        pixels = processor.pixels([image.open() for image in images])
+        expected = int((pixels["image_grid_thw"].prod(-1) // processor.image_processor.merge_size ** 2).sum())
+        if found != expected:
+            raise ValueError(f"the prompt holds {found} image tokens; its {len(images)} images need {expected}")
+        return self.runner.prompt_vision(prompt_ids, pixels)
 
     def _max_tokens(self, prompt_len: int, requested: int | None, adapter: str | None) -> int:
         """``requested`` checked against the context and the pool, or the most both allow when None."""

@@ -3,7 +3,7 @@ and publishes them in the OpenAPI schema)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -74,10 +74,24 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    url: str
+    """A ``data:image/...;base64,`` URL, or a local file under the server's image root (``--image-root``)."""
+
+
+class ImagePart(BaseModel):
+    """OpenAI's ``image_url`` content part; vision-language models only."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
 
 
 class ChatBody(SamplingFields):

@@ -1,9 +1,15 @@
-"""Our own forward pass for Llama-family models (Llama, SmolLM, Qwen2, Mistral) over a paged KV cache.
+"""Our own forward pass for Llama-family models (Llama, SmolLM, Qwen2, Mistral) over a paged KV cache,
+and for the language model of Qwen2-VL / Qwen2.5-VL, whose prefills also run the vision tower.
 
 One ``forward`` runs one engine step: the packed tokens of many sequences (whole prompts being
 prefilled, and one new token for each decoding sequence) go through the layers together, with no
 padding. Only attention looks at sequences one by one: each prefill attends within itself, and all
 decodes attend, in one batched call, to their K/V gathered from the cache.
+
+A vision-language model's step may carry images (``StepBatch.images``): the model's own vision tower
+(``get_image_features``) turns each prefill's pixels into features that replace its image tokens'
+embeddings, and every token's rotary angle comes from its three M-RoPE positions
+(``StepBatch.mrope_positions``, see ``serve.vision``) as transformers recomposes them (``mrope_section``).
 
 Weights are read from the loaded Hugging Face module. Projections are called as modules
 (``proj(x)`` computes ``x @ W.T + b``), so a quantized linear (``loraforge.quant.QuantLinear``) works
@@ -18,9 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraforge.models.kind import is_vision_language
+from loraforge.models.vision import VLM_MODEL_TYPES, vision_layout
 from loraforge.serve.adapter_store import Adapter, TargetModule
 from loraforge.serve.lora_ops import Segments, add_lora
 from loraforge.serve.paged_kv import PagedKVCache
+from loraforge.serve.vision import PromptVision
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -51,6 +60,10 @@ class StepBatch:
     logit_rows: torch.Tensor
     segments: Segments | None = None
     adapters: list[Adapter] = field(default_factory=list)
+    mrope_positions: torch.Tensor | None = None
+    """``(3, T)`` M-RoPE positions when some sequence has images; else ``positions`` serve all three axes."""
+    images: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """``(start, end, pixel_values, image_grid_thw)`` of each prefill token range that holds images."""
 
 
 class UnsupportedModelError(ValueError):
@@ -65,14 +78,22 @@ class ModelRunner:
     """
 
     def __init__(self, model: nn.Module):
-        config = model.config
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"model_type {config.model_type!r} is not supported by the serving engine; "
-                f"it runs {list(SUPPORTED_MODEL_TYPES)} (SmolLM is 'llama')"
-            )
-        inner = model.model
+        self.vision_model = model if is_vision_language(model) else None
+        if self.vision_model is not None:
+            prefix = vision_layout(model).language
+            inner, config = model.get_submodule(prefix), model.config.text_config
+            self.image_token_id = model.config.image_token_id
+        else:
+            config, prefix = model.config, "model"
+            if config.model_type not in SUPPORTED_MODEL_TYPES:
+                raise UnsupportedModelError(
+                    f"model_type {config.model_type!r} is not supported by the serving engine; "
+                    f"it runs {list(SUPPORTED_MODEL_TYPES)} (SmolLM is 'llama') and the vision-language "
+                    f"models {list(VLM_MODEL_TYPES)}"
+                )
+            inner = model.model
         rotary = inner.rotary_emb
+        self.mrope_section = getattr(rotary, "mrope_section", None)
         if rotary.rope_type not in STATIC_ROPE_TYPES:
             raise UnsupportedModelError(
                 f"RoPE type {rotary.rope_type!r} is not supported; the engine runs {list(STATIC_ROPE_TYPES)}"
@@ -94,7 +115,7 @@ class ModelRunner:
         self.layers = list(inner.layers)
         self.windows = [_sliding_window(config, i) for i in range(self.num_layers)]
         self.targets = {
-            f"model.layers.{i}.{part}.{proj}": TargetModule(i, proj, module.in_features, module.out_features)
+            f"{prefix}.layers.{i}.{part}.{proj}": TargetModule(i, proj, module.in_features, module.out_features)
             for i, layer in enumerate(self.layers)
             for part, projs in (("self_attn", ATTENTION_PROJS), ("mlp", MLP_PROJS))
             for proj in projs
@@ -102,10 +123,22 @@ class ModelRunner:
         }
 
     @torch.inference_mode()
+    def prompt_vision(self, prompt_ids: list[int], pixels: dict[str, torch.Tensor]) -> PromptVision:
+        """The M-RoPE positions of a prompt whose image tokens hold ``pixels`` (``VisionProcessor.pixels``),
+        computed by the model's own ``get_rope_index``, with the pixels moved to the model's device."""
+        ids = torch.tensor([prompt_ids], device=self.device)
+        grid = pixels["image_grid_thw"].to(self.device)
+        positions, delta = self.vision_model.model.get_rope_index(ids, (ids == self.image_token_id).int(),
+                                                                  image_grid_thw=grid)
+        return PromptVision(pixels["pixel_values"].to(self.device), grid, positions[:, 0], int(delta))
+
+    @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: PagedKVCache) -> torch.Tensor:
         """Run one step, writing every token's K/V to the cache; returns float32 logits ``(S, vocab)``."""
         h = self.embed(batch.input_ids)  # (T, hidden)
-        cos, sin = self._rope(batch.positions)
+        if batch.images:
+            self._put_image_features(h, batch)
+        cos, sin = self._rope(batch.positions if batch.mrope_positions is None else batch.mrope_positions)
         decode_masks: dict[int | None, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -135,8 +168,23 @@ class ModelRunner:
                 add_lora(y, x, batch.segments, weights, module.bias)
         return y
 
+    def _put_image_features(self, h: torch.Tensor, batch: StepBatch) -> None:
+        """Replace the image tokens' embeddings in ``h`` ``(T, hidden)`` by the vision tower's features."""
+        for start, end, pixel_values, grid in batch.images:
+            features = self.vision_model.model.get_image_features(pixel_values, grid).pooler_output
+            rows = start + (batch.input_ids[start:end] == self.image_token_id).nonzero()[:, 0]
+            h[rows] = torch.cat(features).to(h.dtype)
+
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``(T, head_dim)``, computed as transformers does (float32, then cast)."""
+        """cos/sin ``(T, head_dim)`` for positions ``(T,)``, or M-RoPE positions ``(3, T)`` recomposed by
+        ``mrope_section``, computed as transformers does (float32, then cast)."""
+        if self.mrope_section is not None:
+            positions = positions.expand(3, -1) if positions.dim() == 1 else positions
+            freqs = positions[..., None].float() * self.inv_freq  # (3, T, hd/2)
+            parts = freqs.split(self.mrope_section, dim=-1)
+            freqs = torch.cat([part[i % 3] for i, part in enumerate(parts)], dim=-1)  # (T, hd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return (emb.cos() * self.rope_scaling).to(self.dtype), (emb.sin() * self.rope_scaling).to(self.dtype)
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.rope_scaling).to(self.dtype), (emb.sin() * self.rope_scaling).to(self.dtype)

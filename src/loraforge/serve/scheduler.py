@@ -26,6 +26,7 @@ from loraforge.serve.lora_ops import Segments
 from loraforge.serve.paged_kv import PagedKVCache
 from loraforge.serve.runner import StepBatch
 from loraforge.serve.sampling import SamplingParams
+from loraforge.serve.vision import PromptVision, text_positions
 
 
 @dataclass(eq=False)
@@ -45,6 +46,8 @@ class Sequence:
     num_cached: int = 0
     """Tokens whose K/V are in the cache; 0 means the next step prefills all tokens."""
     bypassed: int = 0
+    vision: PromptVision | None = None
+    """The prompt's images and M-RoPE positions (a vision-language model's request with images)."""
 
     @property
     def tokens(self) -> list[int]:
@@ -187,11 +190,15 @@ def pack_step(seqs: list[Sequence], kv: PagedKVCache) -> StepBatch:
     (prompt and any tokens generated before a preemption), the others decode their last token.
 
     Each sequence's block table must already cover the tokens of this step. The logits asked for
-    are those of each sequence's last token, in ``seqs`` order.
+    are those of each sequence's last token, in ``seqs`` order. When a sequence carries images
+    (``Sequence.vision``), the batch also has every token's M-RoPE positions and the prefills' pixels.
     """
     ids, positions, pages, offsets, logit_rows = [], [], [], [], []
     prefills, decode_rows, tables, lens = [], [], [], []
     runs, adapters = [], []
+    device = kv.blocks.device
+    multimodal = any(seq.vision is not None for seq in seqs)
+    mrope, images = [], []
     for seq in seqs:
         start = len(ids)
         if seq.num_cached == 0:
@@ -204,6 +211,12 @@ def pack_step(seqs: list[Sequence], kv: PagedKVCache) -> StepBatch:
             lens.append(first + 1)
         ids += tokens
         positions += range(first, first + len(tokens))
+        if multimodal:
+            end = first + len(tokens)
+            vision = seq.vision
+            mrope.append(text_positions(first, end, device) if vision is None else vision.token_positions(first, end))
+            if vision is not None and first == 0:
+                images.append((start, len(ids), vision.pixel_values, vision.image_grid_thw))
         p, o = kv.slots(seq.block_table, first, first + len(tokens))
         pages += p
         offsets += o
@@ -215,7 +228,6 @@ def pack_step(seqs: list[Sequence], kv: PagedKVCache) -> StepBatch:
                 adapters.append(seq.adapter)
                 runs.append([start, len(ids), len(adapters) - 1])
     width = max((len(t) for t in tables), default=0)
-    device = kv.blocks.device
     return StepBatch(
         input_ids=_long(ids, device),
         positions=_long(positions, device),
@@ -228,6 +240,8 @@ def pack_step(seqs: list[Sequence], kv: PagedKVCache) -> StepBatch:
         logit_rows=_long(logit_rows, device),
         segments=Segments.from_runs([tuple(r) for r in runs], len(ids)) if runs else None,
         adapters=adapters,
+        mrope_positions=torch.cat(mrope, dim=1) if multimodal else None,
+        images=images,
     )
 
 

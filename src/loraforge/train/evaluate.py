@@ -1,8 +1,10 @@
-"""Evaluation: loss and perplexity on tokenized samples, exact match of generated replies."""
+"""Evaluation helpers of the training loop: loss and perplexity on tokenized samples, greedy replies.
+Scores that compare models (exact match, BLEU, multiple choice, ...) live in ``loraforge.eval``."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from collections.abc import Sequence
 
 import torch
@@ -10,18 +12,22 @@ from torch import nn
 
 from loraforge.adapters import AdapterError, adapted_layers, merge_adapters, unmerge_adapters
 from loraforge.data.collate import collate
-from loraforge.data.tokenize import Sample, prompt_ids
+from loraforge.data.tokenize import Sample
 from loraforge.train.loss import summed_token_loss
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, samples: Sequence[Sample], batch_size: int, pad_id: int, device) -> dict:
+def eval_loss(model: nn.Module, samples: Sequence[Sample], batch_size: int, pad_id: int, device,
+              batch_of=None) -> dict:
+    """Mean token loss and perplexity. ``batch_of`` turns a list of samples into a batch (a vision-language
+    model's needs pixels: ``data.collate.batch_builder``); None pads text samples with ``pad_id``."""
+    batch_of = batch_of or partial(collate, pad_id=pad_id)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
     for start in range(0, len(order), batch_size):
-        batch = collate([samples[i] for i in order[start : start + batch_size]], pad_id)
+        batch = batch_of([samples[i] for i in order[start : start + batch_size]])
         loss, n = summed_token_loss(model, {k: v.to(device) for k, v in batch.items()})
         total, count = total + loss.item(), count + n
     model.train(was_training)
@@ -65,12 +71,3 @@ def generate_replies(model: nn.Module, tokenizer, prompts: Sequence[list[int]], 
             unmerge_adapters(model)
         model.train(was_training)
     return replies
-
-
-def exact_match(model: nn.Module, tokenizer, test: Sequence[tuple[list[dict], str]], template: str,
-                max_new_tokens: int, device, batch_size: int = 32) -> tuple[float, list[str]]:
-    """Fraction of test prompts whose greedy reply equals the reference (surrounding whitespace ignored)."""
-    prompts = [prompt_ids(tokenizer, messages, template) for messages, _ in test]
-    replies = generate_replies(model, tokenizer, prompts, max_new_tokens, batch_size, device)
-    hits = sum(reply.strip() == reference.strip() for reply, (_, reference) in zip(replies, test))
-    return hits / max(len(test), 1), replies

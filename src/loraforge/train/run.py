@@ -26,24 +26,28 @@ import signal
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from loraforge.adapters import add_adapter, disable_adapters, mark_only_adapters_trainable, save_adapter
+from loraforge.adapters import add_adapter, mark_only_adapters_trainable, save_adapter
 from loraforge.adapters.registry import TrainingHook, method
 from loraforge.config import Config, save_config
 from loraforge.data import build_datasets
 from loraforge.data.collate import batches, collate
+from loraforge.data.vision import build_vision_datasets, check_vision_data_options, collate_vision
+from loraforge.models.kind import is_vision_language
 from loraforge.models.prepare import load_base
 from loraforge.train.checkpoint import CheckpointError, TrainState, find_checkpoint, load_checkpoint, save_checkpoint
-from loraforge.train.evaluate import eval_loss, exact_match
+from loraforge.train.evaluate import eval_loss
 from loraforge.train.loss import summed_token_loss
 from loraforge.train.optim import build_optimizer, parameter_groups
 from loraforge.train.runlog import RunLog, peak_memory_bytes, plot_loss_curve
 from loraforge.train.schedule import lr_multiplier, warmup_steps
+from loraforge.utils.memory import release_free_memory
 
 CONFIG_FILE = "config.yaml"
 RUN_KEYS_FREE_TO_CHANGE = {("train", "resume_from_checkpoint"), ("output", "overwrite_output_dir"),
@@ -80,7 +84,7 @@ def run_training(config: Config, echo=print) -> RunResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     echo(model_summary_line(config, model))
 
-    data = _build_data(config, tokenizer)
+    data = _build_data(config, tokenizer, model)
     echo(str(data.report))
     steps_per_epoch = math.ceil(math.ceil(len(data.train) / config.train.batch_size) / config.train.grad_accum)
     total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * steps_per_epoch))
@@ -89,6 +93,7 @@ def run_training(config: Config, echo=print) -> RunResult:
     spec = config.adapter
     resume_from = _prepare_run_dir(config, run_dir)  # only now that model, data and hook are known to work
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch_of = batch_builder(model, tokenizer, pad_id)
 
     groups = parameter_groups(model, config.train.lr, config.train.weight_decay, config.train.loraplus_lr_ratio)
     optimizer = build_optimizer(config.train.optim, groups, device)
@@ -101,11 +106,9 @@ def run_training(config: Config, echo=print) -> RunResult:
         state = load_checkpoint(resume_from, model, spec, config.adapter.name, optimizer, scheduler, hook)
         echo(f"resumed from {resume_from} at step {state.step}")
     elif data.test:
-        with disable_adapters(model):
-            summary["test_exact_match_before"] = _test_accuracy(model, tokenizer, data.test, config, device, echo,
-                                                                "before training")
+        summary["test_exact_match_before"] = _test_accuracy(model, tokenizer, data.test, config, echo, None)
 
-    trainer = _Loop(config, model, optimizer, scheduler, hook, data, pad_id, device, spec, run_dir, total_steps,
+    trainer = _Loop(config, model, optimizer, scheduler, hook, data, batch_of, device, spec, run_dir, total_steps,
                     state)
     interrupted = trainer.run(echo)
     summary.update(trainer.summary())
@@ -117,8 +120,8 @@ def run_training(config: Config, echo=print) -> RunResult:
         hook.finish()
     adapter_dir = save_adapter(model, run_dir / "adapter", spec, config.adapter.name, config.model.source)
     if data.test:
-        summary["test_exact_match_after"] = _test_accuracy(model, tokenizer, data.test, config, device, echo,
-                                                           "after training")
+        summary["test_exact_match_after"] = _test_accuracy(model, tokenizer, data.test, config, echo,
+                                                           config.adapter.name)
     _finish(run_dir, config, summary, echo)
     return RunResult(run_dir, adapter_dir, state.step, summary=summary)
 
@@ -153,7 +156,9 @@ def model_summary_line(config: Config, model: nn.Module) -> str:
             f"{info['total_bytes'] / 2**20:.0f} MiB in memory")
     if info["quantized_layers"]:
         line += (f"; {info['quantized_layers']} quantized linears ({', '.join(info['formats'])}) at "
-                 f"{info['bits_per_param']:.3f} bits/parameter")
+                 f"{info['bits_per_param']:.3f} bits/parameter, computing in {', '.join(info['compute_dtypes'])}")
+        if config.model.quantization and config.model.quantization.compute_dtype == "bf16" and "bfloat16" not in info["compute_dtypes"]:
+            line += " (bf16 asked for, but this device has no bf16 units: the fp32 path runs)"
     return line
 
 
@@ -191,8 +196,24 @@ def _with_options(config: Config, values: dict) -> Config:
     return dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, options=options))
 
 
-def _build_data(config: Config, tokenizer):
+def batch_builder(model: nn.Module, tokenizer, pad_id: int):
+    """``samples -> batch`` for ``model``'s kind: ``collate`` with ``pad_id`` for a causal LM, and
+    ``collate_vision`` (image-token types and pixels too) for a vision-language model, whose ``tokenizer``
+    is its ``VisionProcessor``."""
+    if is_vision_language(model):
+        return partial(collate_vision, processor=tokenizer)
+    return partial(collate, pad_id=pad_id)
+
+
+def _build_data(config: Config, tokenizer, model: nn.Module | None = None):
+    """The datasets for ``model``'s kind (None: a causal LM's)."""
     d = config.data
+    if model is not None and is_vision_language(model):
+        check_vision_data_options(d.packing, d.test_files)
+        return build_vision_datasets(
+            tokenizer, train_files=d.train_files, eval_files=d.eval_files, format=d.format, columns=d.columns,
+            val_size=d.val_size, cutoff_len=d.cutoff_len, train_on_prompt=d.train_on_prompt,
+            system_prompt=d.system_prompt, template=d.template, on_overflow=d.on_overflow, seed=config.train.seed)
     return build_datasets(
         tokenizer, train_files=d.train_files, eval_files=d.eval_files, test_files=d.test_files, format=d.format,
         columns=d.columns, val_size=d.val_size, cutoff_len=d.cutoff_len, train_on_prompt=d.train_on_prompt,
@@ -200,8 +221,21 @@ def _build_data(config: Config, tokenizer):
     )
 
 
-def _test_accuracy(model, tokenizer, test, config: Config, device, echo, when: str) -> float:
-    accuracy, _ = exact_match(model, tokenizer, test, config.data.template, config.data.test_max_new_tokens, device)
+def _test_accuracy(model, tokenizer, test, config: Config, echo, adapter: str | None) -> float:
+    """Held-out exact match (``loraforge.eval.evaluate``) of the base (``adapter`` None) or of the adapter on
+    the model; generated by transformers, as the trained adapter lives only on this model."""
+    from loraforge.data.formats import Conversation
+    from loraforge.eval import BASE_LABEL, EvalOptions, InModel, evaluate
+
+    conversations = [Conversation([*messages, {"role": "assistant", "content": reply}], f"data.test_files #{i}")
+                     for i, (messages, reply) in enumerate(test)]
+    options = EvalOptions(metrics=("exact_match",), template=config.data.template, backend="transformers",
+                          max_new_tokens=config.data.test_max_new_tokens, batch_size=32, examples=0)
+    label = BASE_LABEL if adapter is None else "trained"
+    adapters = {} if adapter is None else {label: InModel(adapter)}
+    accuracy = evaluate(model, tokenizer, conversations, adapters, options,
+                        include_base=adapter is None).scores[label]["exact_match"]
+    when = "before training" if adapter is None else "after training"
     echo(f"held-out exact match {when}: {accuracy:.1%} ({round(accuracy * len(test))}/{len(test)})")
     return accuracy
 
@@ -277,16 +311,17 @@ def _changed_settings(config: Config, saved: Path, where: str) -> list[str]:
 class _Loop:
     """The optimisation loop: micro-batches from a stream that is a pure function of (seed, step)."""
 
-    def __init__(self, config: Config, model, optimizer, scheduler, hook: TrainingHook | None, data, pad_id, device,
+    def __init__(self, config: Config, model, optimizer, scheduler, hook: TrainingHook | None, data, batch_of, device,
                  spec, run_dir, total_steps, state: TrainState):
         self.config, self.model, self.optimizer, self.scheduler = config, model, optimizer, scheduler
         self.hook = hook
-        self.data, self.pad_id, self.device, self.spec = data, pad_id, device, spec
+        self.data, self.batch_of, self.device, self.spec = data, batch_of, device, spec
         self.run_dir, self.total_steps, self.state = run_dir, total_steps, state
         self.train_seconds = 0.0
         self.tokens_this_run = 0
         self.last_loss = float("nan")
         self.last_eval: dict = {}
+        self.last_grad_norm = float("nan")
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """The sample indices of the ``grad_accum`` micro-batches of optimizer step ``step``."""
@@ -331,7 +366,7 @@ class _Loop:
         """One optimizer step; returns (task loss, the hook's penalty or None, tokens)."""
         cfg = self.config.train
         indices = self.micro_batches(self.state.step)
-        micro = [collate([self.data.train[i] for i in idx], self.pad_id) for idx in indices]
+        micro = [self.batch_of([self.data.train[i] for i in idx]) for idx in indices]
         label_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         tokens = sum(len(self.data.train[i].input_ids) for idx in indices for i in idx)
         total, penalty_total = 0.0, 0.0
@@ -351,13 +386,15 @@ class _Loop:
             total += loss.item()
             penalty_total += 0.0 if penalty is None else penalty.item()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        # the norm before clipping is logged as grad_norm; no max_grad_norm = measure only
+        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
         self.optimizer.step()
         self.scheduler.step()
         if self.hook is not None:
             self.hook.after_optimizer_step(self.state.step)  # reads this step's gradients
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cpu":
+            release_free_memory()  # the step's freed activations, else glibc keeps them and the peak creeps up
         return total, None if self.hook is None else penalty_total, tokens
 
     def _after_step(self, log: RunLog, loss: float, penalty: float | None, tokens: int) -> None:
@@ -368,10 +405,11 @@ class _Loop:
         log.progress(1, loss, lr, tokens_per_s)
         if step % cfg.logging_steps == 0 or step == self.total_steps:
             extra = {} if penalty is None else {"penalty": penalty}
-            log.log(step, {"loss": loss, **extra, "lr": lr, "tokens_per_s": tokens_per_s,
-                           "tokens_seen": self.state.tokens_seen})
+            log.log(step, {"loss": loss, **extra, "lr": lr, "grad_norm": self.last_grad_norm,
+                           "tokens_per_s": tokens_per_s, "tokens_seen": self.state.tokens_seen})
         if self.data.eval and (step == self.total_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
-            self.last_eval = eval_loss(self.model, self.data.eval, cfg.batch_size, self.pad_id, self.device)
+            self.last_eval = eval_loss(self.model, self.data.eval, cfg.batch_size, None, self.device,
+                                       self.batch_of)
             log.log(step, self.last_eval)
         if cfg.save_steps and step % cfg.save_steps == 0:
             self._save()

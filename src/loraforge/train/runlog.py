@@ -102,7 +102,14 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak device memory for CUDA, else the process's peak resident set size."""
+    """Peak device memory for CUDA, else the process's peak resident set size.
+
+    On Linux that is ``VmHWM`` of /proc/self/status: ``ru_maxrss`` survives ``exec``, so a run started
+    by a big process (a web server holding a model) would report its parent's peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
