@@ -4,6 +4,7 @@ Variants, each in its own subprocess (so peak RSS is its own), same model, batch
 - ``lora``: dense fp32 base + LoRA (the reference);
 - ``qlora``: loraforge NF4 + double quant base, compute fp32;
 - ``qlora-bf16``: the same with bf16 compute (where the CPU has bf16 units);
+- ``qalora-int4``: QA-LoRA on a group-wise INT4 base (group 64), fp32 compute;
 - ``bnb-peft``: transformers ``BitsAndBytesConfig`` NF4 + DQ, PEFT LoRA (bitsandbytes' CPU path).
 
 The loraforge variants give freed memory back to the OS after each step, as loraforge's trainer does on
@@ -30,7 +31,7 @@ import torch
 from loraforge.utils.memory import release_free_memory
 from report import append_result, markdown_table
 
-VARIANTS = ("lora", "qlora", "qlora-bf16", "bnb-peft")
+VARIANTS = ("lora", "qlora", "qlora-bf16", "qalora-int4", "bnb-peft")
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 
@@ -92,10 +93,14 @@ def worker(args) -> dict:
         from loraforge.quant.quantize_model import quantize_model
 
         model = build_model(args.model)
-        if args.worker != "lora":
+        method = "lora"
+        if args.worker == "qalora-int4":  # QA-LoRA on group-wise INT4 (group 64), fp32 compute
+            quantize_model(model, bits=4, type="int", block_size=64, compute_dtype="fp32")
+            method = "qalora"
+        elif args.worker != "lora":
             compute = "bf16" if args.worker == "qlora-bf16" else "fp32"
             quantize_model(model, bits=4, type="nf4", double_quant=True, block_size=64, compute_dtype=compute)
-        add_adapter(model, AdapterSpec(r=16, alpha=32))
+        add_adapter(model, AdapterSpec(method=method, r=16, alpha=32))
         mark_only_adapters_trainable(model)
     for p in model.parameters():
         if not p.requires_grad:

@@ -61,8 +61,8 @@ class IntKWeight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out, in_features = self.shape
-        q = self.unpacked_codes().reshape(out, -1, self.group_size).float()
-        w = self.scale.float()[..., None] * q + self.min.float()[..., None]
+        q = self.unpacked_codes().reshape(out, -1, self.group_size)
+        w = torch.addcmul(self.min.float()[..., None], self.scale.float()[..., None], q)  # one pass, one buffer
         return w.reshape(out, in_features).to(dtype)
 
     def to_q4_1(self) -> Q4_1Weight:
@@ -156,6 +156,8 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """The inverse of :func:`pack_codes`: packed ``(..., n·bits/8)`` -> uint8 codes ``(..., n)``."""
     if bits == 8:
         return packed
+    if bits == 4:  # the same layout, read a byte at a time: code 2j in byte j's low nibble, 2j+1 in its high
+        return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
     byte_shifts = torch.arange(bits, dtype=torch.int32, device=packed.device) * 8
     word = (packed.to(torch.int32).reshape(*packed.shape[:-1], -1, bits) << byte_shifts).sum(dim=-1, dtype=torch.int32)
     shifts = torch.arange(8, dtype=torch.int32, device=packed.device) * bits
