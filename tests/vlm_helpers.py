@@ -72,3 +72,16 @@ def reference_processor():
                                    video_processor=None, chat_template=ours.chat_template)
     finally:
         ProcessorMixin.check_argument_for_proper_class = check
+
+
+def shapes_batch(folder: Path) -> dict:
+    """A collated batch of the tiny VLM's processor over ``shapes_dataset``'s last 4 rows (a two-image row,
+    a text row, one-image rows), labels included."""
+    from loraforge.data.vision import build_vision_datasets, collate_vision
+    from loraforge.models.tiny_vlm import tiny_vlm_processor
+
+    processor = tiny_vlm_processor()
+    data = build_vision_datasets(processor, train_files=[str(shapes_dataset(folder))], eval_files=None,
+                                 format="openai", columns=None, val_size=0, cutoff_len=512, train_on_prompt=False,
+                                 system_prompt=None, template="auto", on_overflow="drop", seed=0)
+    return collate_vision(data.train[-4:], processor)

@@ -4,11 +4,10 @@ outputs, through the CLI; GGUF is refused with the reason."""
 import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
-from vlm_helpers import shapes_dataset
+from vlm_helpers import shapes_batch
 
 from loraforge.adapters import AdapterSpec, add_adapter, save_adapter
 from loraforge.cli.main import main
-from loraforge.data.vision import build_vision_datasets, collate_vision
 from loraforge.export import GGUFExportError, export_model
 from loraforge.models import load_model
 from loraforge.models.tiny_vlm import TINY_VLM, tiny_vlm, tiny_vlm_processor
@@ -16,12 +15,7 @@ from loraforge.models.tiny_vlm import TINY_VLM, tiny_vlm, tiny_vlm_processor
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
-    processor = tiny_vlm_processor()
-    data = build_vision_datasets(processor, train_files=[str(shapes_dataset(tmp_path_factory.mktemp("d")))],
-                                 eval_files=None, format="openai", columns=None, val_size=0, cutoff_len=512,
-                                 train_on_prompt=False, system_prompt=None, template="auto", on_overflow="drop",
-                                 seed=0)
-    batch = collate_vision(data.train[-4:], processor)
+    batch = shapes_batch(tmp_path_factory.mktemp("d"))
     batch.pop("labels")
     return batch
 

@@ -7,12 +7,11 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from vlm_helpers import shapes_dataset
+from vlm_helpers import shapes_batch, shapes_dataset
 
 from loraforge.adapters import AdapterSpec, add_adapter, mark_only_adapters_trainable
 from loraforge.config import Config
-from loraforge.data.vision import build_vision_datasets, collate_vision
-from loraforge.models.tiny_vlm import tiny_vlm, tiny_vlm_processor
+from loraforge.models.tiny_vlm import tiny_vlm
 from loraforge.quant.base import QuantLinear
 from loraforge.train import run_training
 from loraforge.train.loss import summed_token_loss
@@ -25,12 +24,7 @@ def quiet(*_):
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
-    processor = tiny_vlm_processor()
-    data = build_vision_datasets(processor, train_files=[str(shapes_dataset(tmp_path_factory.mktemp("d")))],
-                                 eval_files=None, format="openai", columns=None, val_size=0, cutoff_len=512,
-                                 train_on_prompt=False, system_prompt=None, template="auto", on_overflow="drop",
-                                 seed=0)
-    return collate_vision(data.train[-4:], processor)  # a two-image row, a text row, one-image rows
+    return shapes_batch(tmp_path_factory.mktemp("d"))
 
 
 def test_the_loss_is_the_models_own_multimodal_loss_and_reaches_the_vision_adapters(batch):

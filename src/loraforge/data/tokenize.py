@@ -53,6 +53,16 @@ class SplitReport:
     def kept(self) -> int:
         return self.samples - self.dropped
 
+    def admit(self, input_ids: list[int], labels: list[int]) -> bool:
+        """Count a tokenized sample: kept (True) when some token carries a label, else dropped (False)."""
+        label_tokens = sum(label != IGNORE_INDEX for label in labels)
+        if label_tokens == 0:
+            self.dropped += 1
+            return False
+        self.tokens += len(input_ids)
+        self.label_tokens += label_tokens
+        return True
+
 
 def encode_conversation(
     tokenizer: Any, messages: Sequence[Message], chat_template: str, train_on_prompt: bool
@@ -110,13 +120,8 @@ def tokenize_conversations(
         if len(input_ids) > cutoff_len:
             report.truncated += 1
             input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
-        label_tokens = sum(label != IGNORE_INDEX for label in labels)
-        if label_tokens == 0:
-            report.dropped += 1
-            continue
-        report.tokens += len(input_ids)
-        report.label_tokens += label_tokens
-        samples.append(Sample(input_ids, labels))
+        if report.admit(input_ids, labels):
+            samples.append(Sample(input_ids, labels))
     return samples, report
 
 

@@ -222,13 +222,8 @@ def tokenize_vision_conversations(processor, conversations: Sequence[VisionConve
                 continue
             report.truncated += 1
             ids, labels = ids[:cutoff_len], labels[:cutoff_len]
-        label_tokens = sum(label != IGNORE_INDEX for label in labels)
-        if label_tokens == 0:
-            report.dropped += 1
-            continue
-        report.tokens += len(ids)
-        report.label_tokens += label_tokens
-        samples.append(VisionSample(ids, labels, conversation.images))
+        if report.admit(ids, labels):
+            samples.append(VisionSample(ids, labels, conversation.images))
     return samples, report
 
 
