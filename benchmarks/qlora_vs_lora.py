@@ -5,33 +5,46 @@ Variants, each in its own subprocess (so peak RSS is its own), same model, batch
 - ``qlora``: loraforge NF4 + double quant base, compute fp32;
 - ``qlora-bf16``: the same with bf16 compute (where the CPU has bf16 units);
 - ``qalora-int4``: QA-LoRA on a group-wise INT4 base (group 64), fp32 compute;
+- ``qalora-q4_1``: QA-LoRA on GGUF Q4_1 blocks (INT4 group 32 converted to Q4_1 without loss), fp32 compute;
 - ``bnb-peft``: transformers ``BitsAndBytesConfig`` NF4 + DQ, PEFT LoRA (bitsandbytes' CPU path).
 
 The loraforge variants give freed memory back to the OS after each step, as loraforge's trainer does on
 CPU (``utils.memory.release_free_memory``); the step time includes it. bnb-peft runs as transformers +
 PEFT users run it, without.
 
+A loraforge variant with the suffix ``:dequantize`` (``qlora:dequantize``) runs the quantized layers as they
+ran before ``quant/kernels.py``: the whole layer dequantized per call, then ``F.linear``; side by side with
+the plain variant it shows what the kernels change. ``--profile`` adds, per variant, the top ops by self CPU
+time over one more step (torch.profiler). The notes record the CPU flags of note, the load average, the
+ISA-limiting environment variables set (``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``,
+``ATEN_CPU_CAPABILITY``: how a CPU without bf16 units is emulated on one with them) and, per run, torch's CPU
+capability and the bf16/fp32 time ratio of a 1024² matmul, which shows whether the emulation took effect.
+
 Models: the default model, and a random-initialised ~1.1B Llama (TinyLlama's shape) with ``--model 1b``.
 
-    python benchmarks/qlora_vs_lora.py [--model default|1b] [--steps 6] [--seq 256] [--batch 4]
+    python benchmarks/qlora_vs_lora.py [--model default|1b] [--steps 6] [--seq 256] [--batch 4] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from loraforge.utils.memory import release_free_memory
 from report import append_result, markdown_table
 
-VARIANTS = ("lora", "qlora", "qlora-bf16", "qalora-int4", "bnb-peft")
+VARIANTS = ("lora", "qlora", "qlora-bf16", "qalora-int4", "qalora-q4_1", "bnb-peft")
+OLD_PATH = ":dequantize"
+ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 
@@ -74,10 +87,56 @@ def linear_weight_bytes(model) -> tuple[int, int]:
     return now, bf16
 
 
+def use_dequantize_per_call() -> None:
+    """Run quantized layers as before ``quant/kernels.py``: dequantize the whole layer per call."""
+    import torch.nn.functional as F
+
+    from loraforge.quant import kernels
+
+    kernels.linear = lambda weight, x: F.linear(x, weight.dequantize(x.dtype))
+    kernels.input_grad = lambda weight, grad: grad @ weight.dequantize(grad.dtype)
+
+
+def to_q4_1(model) -> None:
+    """Swap every INT4 group-32 ``QuantLinear`` weight for the same weights as GGUF Q4_1 blocks (lossless)."""
+    from loraforge.quant.base import QuantLinear
+
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.qweight = module.qweight.to_q4_1()
+
+
+def bf16_matmul_ratio() -> float:
+    """Time of a 1024² bf16 matmul over the fp32 one: < 1 with bf16 units in use, > 1 without."""
+    a = torch.randn(1024, 1024)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        x @ x
+        start = time.perf_counter()
+        for _ in range(5):
+            x @ x
+        times[dtype] = time.perf_counter() - start
+    return times[torch.bfloat16] / times[torch.float32]
+
+
+def top_ops(step, rows: int = 12) -> list[list]:
+    """``[op, self CPU ms, calls]`` of the ``rows`` ops with the most self CPU time over one ``step()``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    return [[e.key, round(e.self_cpu_time_total / 1000, 1), e.count] for e in events]
+
+
 def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.worker == "bnb-peft":
+    variant, old_path = args.worker.removesuffix(OLD_PATH), args.worker.endswith(OLD_PATH)
+    if old_path:
+        use_dequantize_per_call()
+    if variant == "bnb-peft":
         from peft import LoraConfig, get_peft_model
         from transformers import BitsAndBytesConfig
 
@@ -94,11 +153,15 @@ def worker(args) -> dict:
 
         model = build_model(args.model)
         method = "lora"
-        if args.worker == "qalora-int4":  # QA-LoRA on group-wise INT4 (group 64), fp32 compute
+        if variant == "qalora-int4":  # QA-LoRA on group-wise INT4 (group 64), fp32 compute
             quantize_model(model, bits=4, type="int", block_size=64, compute_dtype="fp32")
             method = "qalora"
-        elif args.worker != "lora":
-            compute = "bf16" if args.worker == "qlora-bf16" else "fp32"
+        elif variant == "qalora-q4_1":  # QA-LoRA on GGUF Q4_1 blocks, fp32 compute
+            quantize_model(model, bits=4, type="int", block_size=32, compute_dtype="fp32")
+            to_q4_1(model)
+            method = "qalora"
+        elif variant != "lora":
+            compute = "bf16" if variant == "qlora-bf16" else "fp32"
             quantize_model(model, bits=4, type="nf4", double_quant=True, block_size=64, compute_dtype=compute)
         add_adapter(model, AdapterSpec(method=method, r=16, alpha=32))
         mark_only_adapters_trainable(model)
@@ -113,19 +176,26 @@ def worker(args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     vocab = model.config.vocab_size
     times, losses = [], []
-    for step in range(args.steps):
-        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(step))
-        start = time.perf_counter()
+
+    def step(index: int) -> None:
+        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(index))
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if args.worker != "bnb-peft":
+        if variant != "bnb-peft":
             release_free_memory()  # as loraforge's trainer does after each step on CPU
-        times.append(time.perf_counter() - start)
         losses.append(loss.item())
-    return {"step_s": statistics.median(times[1:]), "peak_rss_gb": peak_rss_gb(), "load_peak_rss_gb": load_peak,
-            "linear_bytes": now, "linear_bytes_bf16": bf16, "first_loss": losses[0]}
+
+    for index in range(args.steps):
+        start = time.perf_counter()
+        step(index)
+        times.append(time.perf_counter() - start)
+    peak = peak_rss_gb()
+    profile = top_ops(lambda: step(args.steps)) if args.profile else None
+    return {"step_s": statistics.median(times[1:]), "peak_rss_gb": peak, "load_peak_rss_gb": load_peak,
+            "linear_bytes": now, "linear_bytes_bf16": bf16, "first_loss": losses[0], "profile": profile,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_matmul_ratio": bf16_matmul_ratio()}
 
 
 def peak_rss_gb() -> float:
@@ -150,12 +220,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--worker", choices=VARIANTS)
+    parser.add_argument("--profile", action="store_true", help="add the top ops by self CPU time per variant")
+    parser.add_argument("--worker", choices=[*VARIANTS, *(v + OLD_PATH for v in VARIANTS if v not in ("lora", "bnb-peft"))])
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))
         return
     variants = [v for v in args.variants.split(",") if not (v == "bnb-peft" and args.model == "1b")]
+    load_before = os.getloadavg()
     results = {}
     for name in variants:
         proc = subprocess.run([sys.executable, __file__, "--worker", name, *sys.argv[1:]], capture_output=True, text=True)
@@ -179,8 +251,34 @@ def main() -> None:
         "step ratio and RSS ratio are relative to dense-fp32 LoRA. Load peak: reading the dense checkpoint and "
         "quantizing it layer by layer; training peak: the high-water mark after a reset once the model is ready "
         "(Linux VmHWM). linear bytes / bf16 is the stored size of the "
-        "decoder linears relative to bf16 (NF4 + double quant: 4.127/16 = 0.258).",
+        "decoder linears relative to bf16 (NF4 + double quant: 4.127/16 = 0.258). "
+        f"`{OLD_PATH}`: the quantized layers dequantized whole per call (the path before quant/kernels.py).\n\n"
+        + run_notes(results, load_before) + profile_tables(results),
     )
+
+
+def run_notes(results: dict, load_before: tuple) -> str:
+    """CPU flags, ISA-limiting environment, torch's CPU capability and bf16 speed, load averages."""
+    flags = next((set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), set())
+    of_note = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    isa = {name: os.environ[name] for name in ISA_VARIABLES if name in os.environ}
+    any_result = next(iter(results.values()), {})
+    return (f"- CPU flags of note: {' '.join(of_note)}\n"
+            f"- ISA limits set: {isa or 'none (the full ISA of this CPU)'}; torch CPU capability "
+            f"{any_result.get('cpu_capability')}; bf16/fp32 time of a 1024² matmul: "
+            + ", ".join(f"{name} {r['bf16_matmul_ratio']:.2f}" for name, r in results.items()) + "\n"
+            f"- load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; after: "
+            f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cores shared with other work)\n")
+
+
+def profile_tables(results: dict) -> str:
+    blocks = []
+    for name, r in results.items():
+        if r.get("profile"):
+            blocks.append(f"\nTop ops by self CPU time, one step, {name}:\n\n"
+                          + markdown_table(["op", "self CPU ms", "calls"], r["profile"]))
+    return "\n".join(blocks)
 
 
 if __name__ == "__main__":

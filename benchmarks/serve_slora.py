@@ -26,7 +26,12 @@ arrival order, each batch generating until its longest request is done. Swapping
 request means batch 1, which is slower; batch 16 measured faster than 8 here, so 16 is the default.
 
 A second table isolates the cost of adapter diversity: the time of one decode step of 32 sequences
-(steady state, context ~40 tokens) with no adapter, one adapter, 8 and 32 distinct adapters.
+(steady state, context ~40 tokens) with no adapter, one adapter, 8 and 32 distinct adapters, with
+q/k/v and gate/up as separate GEMMs (the runner's default) and, for the first and last case, fused
+into one GEMM each (``--no-fused`` skips those). The fp32 matmul peak is measured in the same run
+(best of square GEMMs at the step's thread count), and the no-adapter step's FLOPs (2 per weight
+per token, plus attention) are quoted as a share of it. ``--profile`` adds a per-op profile
+(torch.profiler, self CPU time) of that step with 32 distinct adapters, unfused and fused.
 
     python benchmarks/serve_slora.py [--model default] [--requests 48] [--adapters 1,10,100,1000]
 """
@@ -34,6 +39,7 @@ A second table isolates the cost of adapter diversity: the time of one decode st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import time
@@ -41,10 +47,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from report import append_result, markdown_table
 
 from loraforge.models import load_model
 from loraforge.serve import Engine, Request, SamplingParams
-from report import append_result, markdown_table
+from loraforge.serve.runner import ModelRunner
 
 RANKS = (8, 16, 32, 64)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -174,26 +181,120 @@ def run_peft(model_source: str, sets, trace, n_adapters: int, batch: int) -> dic
     return {"elapsed": elapsed, "req_s": len(trace) / elapsed, "tok_s": sum(t.output_len for t in trace) / elapsed}
 
 
-def decode_step_times(engine: Engine, tokenizer, sets, rounds: int, batch: int = 32, steps: int = 6) -> dict[str, float]:
-    """Seconds per decode step of ``batch`` sequences, by how many distinct adapters they use (best of ``rounds``)."""
+def decode_step_times(engine: Engine, tokenizer, sets, rounds: int, batch: int = 32, steps: int = 6,
+                      fused: bool = True) -> dict[str, float]:
+    """Seconds per decode step of ``batch`` sequences, by how many distinct adapters they use (best of ``rounds``);
+    with ``fused``, the first and last case also with q/k/v and gate/up fused into one GEMM each."""
     use_adapters(engine, sets, [f"a{i}" for i in range(batch)])
     cases = {"no adapter": [None] * batch, "1 adapter (rank 8)": ["a0"] * batch,
              "1 adapter (rank 64)": ["a3"] * batch, "8 distinct": [f"a{i % 8}" for i in range(batch)],
              f"{batch} distinct": [f"a{i}" for i in range(batch)]}
+    variants = [(name, adapters, False) for name, adapters in cases.items()]
+    if fused:
+        variants += [(f"{name}, fused q/k/v, gate/up", cases[name], True) for name in ("no adapter", f"{batch} distinct")]
     times: dict[str, float] = {}
-    for name, adapters in [case for _ in range(rounds) for case in cases.items()]:
-        handles = [engine.submit(Request(prompt_ids(tokenizer, 32), SamplingParams(temperature=0, max_tokens=steps + 2,
-                                                                                ignore_eos=True), adapter=a))
-                   for a in adapters]
-        engine.step()  # prefill
-        engine.step()
+    for name, adapters, fuse in [case for _ in range(rounds) for case in variants]:
+        with fusion(engine, fuse):
+            times[name] = min(times.get(name, math.inf), decode_step(engine, tokenizer, adapters, steps))
+    return times
+
+
+def decode_step(engine: Engine, tokenizer, adapters: list[str | None], steps: int, measure=None) -> float:
+    """Mean seconds of ``steps`` decode steps of one sequence per entry of ``adapters`` (their adapter),
+    run inside ``measure`` (a context manager, e.g. a profiler) when given."""
+    handles = [engine.submit(Request(prompt_ids(tokenizer, 32), SamplingParams(temperature=0, max_tokens=steps + 2,
+                                                                            ignore_eos=True), adapter=a))
+               for a in adapters]
+    engine.step()  # prefill
+    engine.step()
+    with measure or contextlib.nullcontext():
         start = time.perf_counter()
         for _ in range(steps):
             engine.step()
-        times[name] = min(times.get(name, math.inf), (time.perf_counter() - start) / steps)
-        while not all(h.done for h in handles):
+        elapsed = (time.perf_counter() - start) / steps
+    while not all(h.done for h in handles):
+        engine.step()
+    return elapsed
+
+
+@contextlib.contextmanager
+def fusion(engine: Engine, fused: bool):
+    """Run ``engine``'s runner with fused q/k/v and gate/up GEMMs, or (False) with the separate modules."""
+    runner = engine.runner
+    saved = runner.fused_qkv, runner.fused_gate_up
+    if fused != any(runner.fused_qkv):
+        fresh = ModelRunner(runner.model, fuse=fused)
+        runner.fused_qkv, runner.fused_gate_up = fresh.fused_qkv, fresh.fused_gate_up
+    try:
+        yield
+    finally:
+        runner.fused_qkv, runner.fused_gate_up = saved
+
+
+def matmul_peak(seconds: float = 3.0, n: int = 1024) -> float:
+    """Best fp32 GFLOP/s of an ``n``x``n`` by ``n``x``n`` matmul over ``seconds``, at the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def decode_step_gflop(model, batch: int = 32, context: int = 40) -> float:
+    """FLOPs of one decode step of ``batch`` tokens: 2 per linear weight per token, plus attention
+    (QK^T and PV over ``context`` keys, per layer and head)."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * context
+    return batch * (2 * linear + attention) / 1e9
+
+
+def batch1_split(engine: Engine, tokenizer, rounds: int = 15) -> tuple[float, float]:
+    """Median seconds of a decode step of one sequence (no adapter), and of its GEMMs alone (the same
+    projections and lm_head on one token, called as the runner calls them), measured alternately."""
+    runner = engine.runner
+    gemms = []
+    for i, layer in enumerate(runner.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        gemms += [runner.fused_qkv[i] or attn.q_proj, attn.k_proj, attn.v_proj][:1 if runner.fused_qkv[i] else 3]
+        gemms += [attn.o_proj]
+        gemms += [runner.fused_gate_up[i] or mlp.gate_proj, mlp.up_proj][:1 if runner.fused_gate_up[i] else 2]
+        gemms += [mlp.down_proj]
+    gemms.append(runner.lm_head)
+    inputs = [torch.randn(1, g.weight.shape[1] if not isinstance(g, torch.nn.Module) else g.in_features, dtype=runner.dtype)
+              for g in gemms]
+    handle = engine.submit(Request(prompt_ids(tokenizer, 32), SamplingParams(temperature=0, max_tokens=rounds + 3, ignore_eos=True)))
+    engine.step()
+    engine.step()
+    steps, alone = [], []
+    with torch.inference_mode():
+        for _ in range(rounds):
+            start = time.perf_counter()
             engine.step()
-    return times
+            steps.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for gemm, x in zip(gemms, inputs):
+                gemm(x)
+            alone.append(time.perf_counter() - start)
+    while not handle.done:
+        engine.step()
+    return sorted(steps)[rounds // 2], sorted(alone)[rounds // 2]
+
+
+def op_profile(engine: Engine, tokenizer, adapters: list[str], steps: int = 3, rows: int = 12) -> list[tuple[str, float, int]]:
+    """The ops of a decode step, by self CPU ms per step: ``[(name, ms, calls per step)]``, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = profile(activities=[ProfilerActivity.CPU])
+    decode_step(engine, tokenizer, adapters, steps, measure=profiler)
+    events = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    top = [(e.key, e.self_cpu_time_total / 1000 / steps, e.count // steps) for e in events[:rows]]
+    return top + [("(all ops)", total / 1000 / steps, sum(e.count for e in events) // steps)]
 
 
 def load_average() -> str:
@@ -220,6 +321,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared; 1 measured faster)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all engine rows; each row keeps its best")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-fused", action="store_true", help="skip the fused q/k/v, gate/up decode-step rows")
+    parser.add_argument("--profile", action="store_true", help="add a per-op profile of a 32-sequence decode step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -232,7 +335,16 @@ def main() -> None:
     load_before = load_average()
     engine = Engine(model, tokenizer, pool_bytes=int(args.pool_gib * 2**30), max_num_seqs=args.max_num_seqs)
     run_engine(engine, tokenizer, sets, make_trace(8, 1, 1.0, *trace_args), 1)  # warm-up: touch the pool, load code
-    steps = decode_step_times(engine, tokenizer, sets, args.rounds)
+    peak = matmul_peak()
+    steps = decode_step_times(engine, tokenizer, sets, args.rounds, fused=not args.no_fused)
+    profiles = {}
+    if args.profile:
+        distinct = [f"a{i}" for i in range(32)]
+        for fused in (False, True):
+            with fusion(engine, fused):
+                profiles["fused" if fused else "unfused"] = op_profile(engine, tokenizer, distinct)
+    step_gflop = decode_step_gflop(model)
+    single_step, single_gemms = batch1_split(engine, tokenizer)
     configs = [(n, alpha) for n in counts for alpha in (alphas if n > 1 else alphas[:1])]
     results: dict[tuple[int, float], dict] = {}
     for round_ in range(args.rounds):
@@ -264,10 +376,10 @@ def main() -> None:
                      f"{peft['req_s'] / one['req_s']:.2f}"])
     table = markdown_table(["system", "n adapters", "alpha", "distinct in trace", "req/s", "output tok/s",
                             "TTFT p50 s", "preemptions", f"vs n={counts[0]}"], rows)
-    notes = [f"{args.requests} requests per row, lengths in [{args.input_range[0]}, {args.input_range[1]}) (input) and "
-             f"[{args.output_range[0]}, {args.output_range[1]}) (output), rate {args.rate} req/s (saturating), cv {args.cv}; "
-             f"ranks {RANKS} round-robin on {'/'.join(TARGETS)}; pool {args.pool_gib} GiB; max {args.max_num_seqs} sequences per step; "
-             f"engine rows: best of {args.rounds} interleaved rounds, PEFT: one run."]
+    notes = [(f"{args.requests} requests per row, lengths in [{args.input_range[0]}, {args.input_range[1]}) (input) and "
+              f"[{args.output_range[0]}, {args.output_range[1]}) (output), rate {args.rate} req/s (saturating), cv {args.cv}; "
+              f"ranks {RANKS} round-robin on {'/'.join(TARGETS)}; pool {args.pool_gib} GiB; max {args.max_num_seqs} sequences per step; "
+              f"engine rows: best of {args.rounds} interleaved rounds, PEFT: one run.")]
     largest = max(counts)
     if (largest, alphas[0]) in results:
         ratio = results[(largest, alphas[0])]["req_s"] / one["req_s"]
@@ -279,17 +391,26 @@ def main() -> None:
         notes.append(f"Engine vs PEFT at n={args.peft_adapters}, alpha={alphas[0]}: {ours['req_s'] / peft['req_s']:.1f}x "
                      f"throughput (target >= 10). Where the gap is: 10x PEFT would be {10 * peft['tok_s']:.0f} output tok/s, "
                      f"i.e. {10 * peft['tok_s'] * tokens_per_output:.0f} prompt+output tok/s at 2 FLOP per weight per token "
-                     f"= {needed:.0f} GFLOP/s, against this machine's fp32 matmul peak of 58-60 GFLOP/s on both cores "
-                     f"(REFERENCE.md){': out of reach, since PEFT at batch ' + str(args.peft_batch) + ' is compute-bound too' if needed > 60 else ''}.")
+                     f"= {needed:.0f} GFLOP/s, against this machine's fp32 matmul peak of {peak:.0f} GFLOP/s measured in this run "
+                     f"at {args.threads} thread(s){': out of reach, since PEFT at batch ' + str(args.peft_batch) + ' is compute-bound too' if needed > peak else ''}.")
     base_step = steps["no adapter"]
-    step_table = markdown_table(["decode step, 32 sequences", "ms/step", "throughput vs no adapter"],
-                                [[name, f"{t * 1000:.0f}", f"{base_step / t:.2f}"] for name, t in steps.items()])
+    step_table = markdown_table(["decode step, 32 sequences", "ms/step", "throughput vs no adapter", "share of matmul peak"],
+                                [[name, f"{t * 1000:.0f}", f"{base_step / t:.2f}",
+                                  f"{step_gflop / t / peak:.0%}" if name.startswith("no adapter") else ""] for name, t in steps.items()])
+    notes.append(f"Batch 1 (one sequence decoding, no adapter, the runner's default, unfused): {single_step * 1000:.1f} ms per step, of which "
+                 f"its GEMMs alone take {single_gemms * 1000:.1f} ms: {1 - single_gemms / single_step:.0%} of the step is outside the "
+                 f"matmuls (norms, RoPE, KV writes, attention, scheduling, sampling); medians of 15 alternating rounds.")
+    notes.append(f"Matmul peak measured in this run: {peak:.1f} GFLOP/s (fp32, 1024^3 GEMM, {args.threads} thread(s)); a no-adapter "
+                 f"decode step of 32 sequences is {step_gflop:.1f} GFLOP (2 per weight per token + attention over ~40 keys).")
     notes.append(f"Where the n=1000 gap is (second table): every distinct adapter's weights are read from memory once per "
                  f"step; 32 distinct adapters here are {step_adapter_mb:.0f} MB of fp32 weights per decode step, next to "
                  f"{weight_mb:.0f} MB of base weights, on a CPU with ~5-10 GB/s of memory bandwidth (a GPU reads the same bytes "
                  f"in ~0.2 ms), plus {lora_calls} small matmul calls whose dispatch costs a few microseconds each.")
     notes.append(f"Load average (1 min) of this shared machine: {load_before} before, {load_average()} after; "
                  f"torch threads: {args.threads}.")
+    for name, ops in profiles.items():
+        step_table += f"\n\nPer-op profile, decode step of 32 sequences with 32 distinct adapters, {name}:\n\n" + markdown_table(
+            ["op", "self CPU ms/step", "calls/step"], [[op, f"{ms:.1f}", calls] for op, ms, calls in ops])
     append_result("serve_slora: S-LoRA workload, loraforge engine vs PEFT", table + "\n\n" + step_table,
                   "\n".join(f"- {n}" for n in notes))
 

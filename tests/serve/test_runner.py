@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from loraforge.models import tiny_model
 from loraforge.serve import Engine, Request
+from loraforge.serve.runner import ModelRunner
 
 from .helpers import greedy, hf_logits, step_logits
-from loraforge.models import tiny_model
 
 FAMILIES = [
     ("tiny-llama", {}),
@@ -77,3 +78,20 @@ def test_quantized_base_runs_through_its_own_modules(quant):
     ids = torch.randint(0, 256, (21,), generator=torch.Generator().manual_seed(0)).tolist()
     [ours] = step_logits(engine, [(ids, None)])
     torch.testing.assert_close(ours, hf_logits(model, ids), atol=2e-5, rtol=1e-4)
+    assert not any(engine.runner.fused_qkv) and not any(engine.runner.fused_gate_up)  # quantized: each module runs alone
+
+
+def test_dense_qkv_and_gate_up_run_as_one_gemm_over_the_modules_own_memory():
+    """Fused, the runner still equals HF, and the fused weight is the modules' storage (no second copy)."""
+    model = tiny_model("tiny-qwen2")
+    engine = Engine(model, max_rank=16, pool_bytes=1 << 22)
+    engine.runner = ModelRunner(model, fuse=True)
+    ids = torch.randint(0, 256, (21,), generator=torch.Generator().manual_seed(0)).tolist()
+    [ours] = step_logits(engine, [(ids, None)])
+    torch.testing.assert_close(ours, hf_logits(model, ids), atol=2e-5, rtol=1e-4)
+    attn, mlp = engine.runner.layers[1].self_attn, engine.runner.layers[1].mlp
+    qkv, gate_up = engine.runner.fused_qkv[1], engine.runner.fused_gate_up[1]
+    assert qkv.sizes == (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
+    assert attn.k_proj.weight.data_ptr() == qkv.weight[attn.q_proj.out_features].data_ptr()
+    assert attn.v_proj.bias.data_ptr() == qkv.bias[-attn.v_proj.out_features:].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == gate_up.weight[mlp.gate_proj.out_features].data_ptr()

@@ -91,6 +91,26 @@ def test_batch_terms_scale_and_checkpointing_saves_activations():
     assert checkpointed.components["activations"] < small.components["activations"]
 
 
+def test_the_compact_cpu_allocator_drops_the_heap_slack_and_training_fixes_the_mmap_threshold(monkeypatch, tmp_path):
+    fast, compact = (estimate_memory(config(train={"cpu_allocator": a}), "cpu") for a in ("fast", "compact"))
+    assert fast.components["allocator"] > 0 and compact.components["allocator"] == 0
+    assert {k: v for k, v in fast.components.items() if k != "allocator"} == \
+           {k: v for k, v in compact.components.items() if k != "allocator"}
+    assert estimate_memory(config(), "meta").components["allocator"] == 0  # not a CPU: no glibc heap
+
+    import loraforge.train.run as run
+
+    calls = []
+    monkeypatch.setattr(run, "return_large_blocks_on_free", lambda: calls.append(1))
+    monkeypatch.setattr(run, "prepare_model", lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
+    for allocator, expected in (("fast", 0), ("compact", 1)):
+        calls.clear()
+        cfg = config(train={"cpu_allocator": allocator}, output={"dir": str(tmp_path / allocator)})
+        with pytest.raises(RuntimeError, match="stop here"):
+            run.run_training(cfg, echo=lambda *a: None)
+        assert len(calls) == expected, allocator
+
+
 def test_a_run_that_does_not_fit_says_so_and_what_would_help():
     cfg = config(model={"source": "tiny-llama"}, train={"batch_size": 64}, data={"cutoff_len": 2048})
     fitting = estimate_memory(cfg, "cpu")
@@ -101,7 +121,7 @@ def test_a_run_that_does_not_fit_says_so_and_what_would_help():
                             fitting.tokens_per_micro_batch, _changes_of(cfg)).report()
     assert "won't fit" in report and "what would help" in report
     for remedy in ("train.gradient_checkpointing=true", "train.batch_size=32 train.grad_accum=2",
-                   "data.cutoff_len=1024", "model.quantization={type: nf4}"):
+                   "data.cutoff_len=1024", "model.quantization={type: nf4}", "train.cpu_allocator=compact"):
         assert remedy in report
 
 
@@ -109,3 +129,24 @@ def _changes_of(cfg: Config):
     from loraforge.train.memory import _changes
 
     return _changes(cfg, _Parts.of(cfg, torch.device("cpu")), torch.device("cpu"))
+
+
+def test_a_first_quantized_load_counts_the_dense_weights_it_holds(tmp_path):
+    """Streamed from a folder: its largest shard beside the quantized weights; from elsewhere: the dense model."""
+    from loraforge.models import tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "model"
+    tiny_model("tiny-llama").save_pretrained(folder, max_shard_size="200KB")
+    tiny_tokenizer().save_pretrained(folder)
+    shards = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    assert len(shards) > 1
+    nf4 = {"quantization": {"type": "nf4", "block_size": 32}}
+    streamed = estimate_memory(config(model={"source": str(folder), **nf4}), "cpu")
+    c = streamed.components
+    assert streamed.loading_bytes == c["runtime"] + c["weights"] + shards[-1].stat().st_size
+    dense = estimate_memory(config(model={"source": "tiny-llama", **nf4}), "cpu")
+    unquantized = estimate_memory(config(), "cpu")
+    d = dense.components
+    assert dense.loading_bytes == d["runtime"] + d["weights"] + unquantized.components["weights"]
+    assert unquantized.loading_bytes == 0
+    assert dense.total_bytes == max(sum(d.values()), dense.loading_bytes)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from loraforge.config import load_config
 from loraforge.train import TrainingError, run_training
+from loraforge.train import distributed as loss_module  # TokenLoss, the training forward, calls the loss from here
 from loraforge.train import run as run_module
 
 
@@ -94,7 +95,7 @@ def test_refuses_a_folder_holding_another_run(toy_run):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_run, monkeypatch):
-    real = run_module.summed_token_loss
+    real = loss_module.summed_token_loss
     calls = []
 
     def poisoned(model, batch):
@@ -102,7 +103,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_run, monkeypatch):
         loss, n = real(model, batch)
         return (loss * float("nan") if len(calls) > 8 else loss), n  # step 5 (grad_accum 2) diverges
 
-    monkeypatch.setattr(run_module, "summed_token_loss", poisoned)
+    monkeypatch.setattr(loss_module, "summed_token_loss", poisoned)
     config = load_config(toy_run(train={"save_steps": 2, "save_total_limit": 2}))
     run_dir = Path(config.output.dir)
     with pytest.raises(TrainingError, match=rf"loss is nan at step 5; stopping\. The last good checkpoint \(if any\) "
@@ -115,7 +116,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_run, monkeypatch):
     assert json.loads((run_dir / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
 
     # The last good checkpoint is what the run resumes from, and the result is the clean run's.
-    monkeypatch.setattr(run_module, "summed_token_loss", real)
+    monkeypatch.setattr(loss_module, "summed_token_loss", real)
     resumed = run_training(load_config(toy_run(train={"save_steps": 2, "resume_from_checkpoint": "latest"})),
                            echo=quiet)
     clean = run_training(load_config(toy_run(train={"save_steps": 2}, output={"dir": str(run_dir) + "-clean"})),

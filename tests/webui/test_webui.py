@@ -1,8 +1,10 @@
 """The web UI in real Chromium (Debian's, headless, driven by Playwright) against ``loraforge webui`` on
-127.0.0.1. The scenarios run in order on one server and one runs folder: a bad config and a bad data line
-shown at their fields; a tiny-model run whose loss chart grows; a reload and a server restart that find
-it still running; stop (a checkpoint) and resume; a finished run chatted with beside the base and
-exported. A screenshot of each tab is saved under ``$LORAFORGE_UI_ARTIFACTS`` (default: pytest's temp dir).
+127.0.0.1: a bad config and a bad data line shown at their fields; the memory estimate; a tiny-model run
+started from the page whose loss chart grows; a reload and a server restart that find a run still
+running; stop (a checkpoint) and resume; two runs compared; a QLoRA run chatted with beside its base; HF
+and GGUF export. Every test builds what it needs (its own run, a fresh page); module-scoped fixtures
+train the finished runs once. A screenshot of each tab is saved under ``$LORAFORGE_UI_ARTIFACTS``
+(default: pytest's temp dir).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ sync_api = require("playwright.sync_api")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-LONG_RUN, SHORT_RUN = "long", "short"
 
 
 def free_port() -> int:
@@ -36,7 +37,7 @@ def free_port() -> int:
 
 
 class Server:
-    """``loraforge webui`` as its own process, so the test can kill it and start it again."""
+    """``loraforge webui`` as its own process, so a test can kill it and start it again."""
 
     def __init__(self, runs: Path, port: int, log: Path):
         self.runs, self.port, self.log = runs, port, log
@@ -45,6 +46,9 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def start(self) -> None:
         with self.log.open("a") as log:
@@ -92,18 +96,20 @@ def data(workdir) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(workdir):
-    server = Server(workdir / "runs", free_port(), workdir / "server.log")
+def runs_root(workdir) -> Path:
+    root = workdir / "runs"
+    yield root
+    for launch in (root / ".launches").glob("*/process.json"):  # no training process outlives the module
+        kill_run(json.loads(launch.read_text())["pid"])
+
+
+@pytest.fixture(scope="module")
+def server(runs_root, workdir):
+    server = Server(runs_root, free_port(), workdir / "server.log")
     server.start()
     yield server
-    if server.process.poll() is None:
+    if server.running():
         server.kill()
-    for launch in (workdir / "runs" / ".launches").glob("*/process.json"):
-        pid = json.loads(launch.read_text())["pid"]
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +122,93 @@ def browser():
         browser.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def page(browser, server):
+    """A fresh page on the app (the server started again if an earlier test left it down). Ask for it after
+    the runs a test needs, so that the page lists them."""
+    if not server.running():
+        server.start()
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(60_000)
     open_app(page, server)
     yield page
     page.close()
+
+
+def run_config(data: Path, **sections) -> dict:
+    config = {"model": {"source": "tiny-llama"}, "data": {"train_files": [str(data)]},
+              "train": {"batch_size": 2, "lr": 0.05, "max_steps": 12}}
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return config
+
+
+def launch(runs_root: Path, name: str, config: dict):
+    """Start ``loraforge train`` detached, as the Train tab does (``train.runs.start_run``)."""
+    from loraforge.config import Config
+    from loraforge.train.runs import start_run
+
+    return start_run(Config.from_dict(config), runs_root, name)
+
+
+def wait_status(runs_root: Path, name: str, status: str, timeout: float = 300):
+    from loraforge.train.runs import run_info
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = run_info(runs_root / name)
+        if info.status == status:
+            return info
+        if info.status == "failed":
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"run {name} is {info.status}, not {status}:\n{info.log_tail()}")
+
+
+def wait_for_steps(runs_root: Path, name: str, steps: int, timeout: float = 180) -> None:
+    from loraforge.train.runlog import read_metrics
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if sum("loss" in r for r in read_metrics(runs_root / name)) >= steps:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"run {name} logged fewer than {steps} losses in {timeout} s")
+
+
+def kill_run(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def running(runs_root, data, request):
+    """A long tiny-model run of this test's own, running (killed at the end of the test)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:60]
+    info = launch(runs_root, name, run_config(data["good"], train={"max_steps": 100_000, "lr": 1e-3}))
+    wait_for_steps(runs_root, name, 1)
+    yield name
+    from loraforge.train.runs import run_info
+
+    current = run_info(runs_root / name)
+    kill_run(current.pid or info.pid)
+
+
+@pytest.fixture(scope="module")
+def lora_run(runs_root, data) -> str:
+    launch(runs_root, "lora", run_config(data["good"]))
+    wait_status(runs_root, "lora", "finished")
+    return "lora"
+
+
+@pytest.fixture(scope="module")
+def qlora_run(runs_root, data) -> str:
+    launch(runs_root, "qlora", run_config(data["good"], model={"quantization": {"type": "nf4"}},
+                                          train={"lr": 0.02, "max_steps": 10}))
+    wait_status(runs_root, "qlora", "finished")
+    return "qlora"
 
 
 def open_app(page, server: Server) -> None:
@@ -173,20 +259,10 @@ def loss_points(page) -> int:
     return int(re.search(r"(\d+) loss points", wait_text(page, "watch-chart-caption", r"\d+ loss points")).group(1))
 
 
-def start_run(page, name: str, data: Path, max_steps: int, lr: float) -> None:
-    tab(page, "Train")
-    choose(page, "model-kind", "tiny-llama")
-    fill(page, "data-path", data)
-    fill(page, "max-steps", max_steps)
-    fill(page, "lr", lr)
-    fill(page, "batch-size", 2)
-    fill(page, "run-name", name)
-    page.click("#start")
-    wait_text(page, "train-status", f"Started run {name}")
-
-
-def run_pid(server: Server, name: str) -> int:
-    return json.loads((server.runs / ".launches" / name / "process.json").read_text())["pid"]
+def watch(page, name: str, status: str) -> None:
+    tab(page, "Watch")
+    choose(page, "watch-run", name)
+    wait_text(page, "watch-status", f"{name}: {status}")
 
 
 def alive(pid: int) -> bool:
@@ -219,42 +295,62 @@ def test_bad_config_and_bad_data_line_are_shown_at_their_fields(page, data, arti
 
 
 def test_estimate_and_yaml_preview(page, data, artifacts):
+    from loraforge.config import Config
+    from loraforge.train.memory import estimate_memory
+
     choose(page, "model-kind", "tiny-llama")
+    fill(page, "data-path", data["good"])
+    page.get_by_text("YAML and CLI").click()
     page.click("#estimate")
     report = wait_text(page, "estimate-out", "fits", timeout=180)
     assert all(part in report for part in ("weights", "adapter", "optimizer", "activations", "logits"))
     assert not page.locator("#error-model").is_visible()
-    assert "source: tiny-llama" in wait_text(page, "yaml-preview", "tiny-llama")
+    wait_text(page, "yaml-preview", "source: tiny-llama")
     assert "loraforge train" in text_of(page, "cli-preview")
+    # the page shows the library's estimate of its config: the form's defaults are the schema's
+    expected = estimate_memory(Config.from_dict({"model": {"source": "tiny-llama"}}, check_files=False)).report()
+    for part in ("weights", "adapter", "activations", "logits"):
+        line = next(line for line in expected.splitlines() if line.strip().startswith(part))
+        assert line in report.splitlines(), (line, report)
     shot(page, artifacts, "train")
 
 
-def test_started_run_draws_a_growing_loss_chart(page, server, data, artifacts):
-    start_run(page, LONG_RUN, data["good"], max_steps=100_000, lr=1e-3)
-    tab(page, "Watch")
-    wait_text(page, "watch-status", f"{LONG_RUN}.*running")
-    first = loss_points(page)
-    deadline = time.time() + 120
-    while loss_points(page) <= first + 2 and time.time() < deadline:
-        time.sleep(1)
-    assert loss_points(page) > first + 2
-    assert re.search(r"step \d+/100000", text_of(page, "watch-status"))
-    shot(page, artifacts, "watch")
+def test_started_run_draws_a_growing_loss_chart(page, server, runs_root, data, artifacts):
+    tab(page, "Train")
+    choose(page, "model-kind", "tiny-llama")
+    fill(page, "data-path", data["good"])
+    fill(page, "max-steps", 100_000)
+    fill(page, "lr", 1e-3)
+    fill(page, "batch-size", 2)
+    fill(page, "run-name", "from-the-page")
+    page.click("#start")
+    wait_text(page, "train-status", "Started run from-the-page")
+    try:
+        watch(page, "from-the-page", "running")
+        first = loss_points(page)
+        deadline = time.time() + 120
+        while loss_points(page) <= first + 2 and time.time() < deadline:
+            time.sleep(1)
+        assert loss_points(page) > first + 2
+        assert re.search(r"step \d+/100000", text_of(page, "watch-status"))
+        shot(page, artifacts, "watch")
+    finally:
+        kill_run(json.loads((runs_root / ".launches" / "from-the-page" / "process.json").read_text())["pid"])
 
 
-def test_reload_and_server_restart_reattach_to_the_running_run(page, server, browser):
-    pid = run_pid(server, LONG_RUN)
+def test_reload_and_server_restart_reattach_to_the_running_run(running, page, server, runs_root):
+    from loraforge.train.runs import run_info
+
+    pid = run_info(runs_root / running).pid
     page.reload()
     page.wait_for_selector("#start")
-    tab(page, "Watch")
-    wait_text(page, "watch-status", f"{LONG_RUN}.*running")
+    watch(page, running, "running")
 
     server.kill()
     assert alive(pid), "the run died with the web server"
     server.start()
     open_app(page, server)
-    tab(page, "Watch")
-    wait_text(page, "watch-status", f"{LONG_RUN}.*running.*pid {pid}")
+    watch(page, running, f"running.*pid {pid}")
     before = loss_points(page)
     deadline = time.time() + 60
     while loss_points(page) <= before and time.time() < deadline:
@@ -262,18 +358,18 @@ def test_reload_and_server_restart_reattach_to_the_running_run(page, server, bro
     assert loss_points(page) > before
 
 
-def test_stop_checkpoints_and_resume_continues(page, server):
-    tab(page, "Watch")
+def test_stop_checkpoints_and_resume_continues(running, page, runs_root):
+    watch(page, running, "running")
     page.click("#stop")
-    status = wait_text(page, "watch-status", f"{LONG_RUN}: stopped", timeout=120)
+    status = wait_text(page, "watch-status", f"{running}: stopped", timeout=120)
     checkpoint = re.search(r"checkpoint: (checkpoint-(\d+))", status)
     assert checkpoint, status
-    folder = server.runs / LONG_RUN / "checkpoints" / checkpoint.group(1)
+    folder = runs_root / running / "checkpoints" / checkpoint.group(1)
     assert (folder / "adapter_model.safetensors").is_file() or any(folder.glob("*.safetensors"))
     stopped_at = int(checkpoint.group(2))
 
     page.click("#resume")
-    wait_text(page, "watch-status", f"{LONG_RUN}: running")
+    wait_text(page, "watch-status", f"{running}: running")
     wait_text(page, "watch-log", f"resumed from .*checkpoint-{stopped_at}")
     # stop once the resumed run has stepped (a Ctrl-C while it loads ends it before any new checkpoint)
     deadline = time.time() + 120
@@ -283,72 +379,105 @@ def test_stop_checkpoints_and_resume_continues(page, server):
             break
         time.sleep(0.5)
     page.click("#stop")
-    status = wait_text(page, "watch-status", f"{LONG_RUN}: stopped", timeout=120)
+    status = wait_text(page, "watch-status", f"{running}: stopped", timeout=120)
     assert int(re.search(r"checkpoint-(\d+)", status).group(1)) > stopped_at
 
 
-def test_runs_tab_compares_configs_and_curves(page, server, data, artifacts):
-    start_run(page, SHORT_RUN, data["good"], max_steps=12, lr=0.05)
-    tab(page, "Watch")
-    choose(page, "watch-run", SHORT_RUN)
-    wait_text(page, "watch-status", f"{SHORT_RUN}: finished", timeout=240)
-    page.reload()
-    page.wait_for_selector("#start")
+def test_runs_tab_compares_configs_and_curves(lora_run, qlora_run, page, artifacts):
     tab(page, "Runs")
-    choose(page, "compare-a", LONG_RUN)
-    choose(page, "compare-b", SHORT_RUN)
+    choose(page, "compare-a", lora_run)
+    choose(page, "compare-b", qlora_run)
     diff = wait_text(page, "config-diff", "keys differ")
     differing = page.locator("#config-diff tr.differs").all_inner_texts()
-    assert any("train.max_steps" in row for row in differing)
-    assert any("train.lr" in row for row in differing)
+    for key in ("train.max_steps", "train.lr", "model.quantization"):
+        assert any(row.startswith(key) for row in differing), (key, diff)
     assert not any(row.startswith("model.source") for row in differing), diff
+    page.wait_for_selector("#compare-chart img")
     shot(page, artifacts, "runs")
 
 
-def test_chat_shows_the_adapter_beside_the_base(page, server, artifacts):
+def test_chat_shows_a_qlora_adapter_beside_its_base_as_trained(qlora_run, page, runs_root, artifacts):
     import torch
 
     from loraforge.adapters import load_adapter
+    from loraforge.config import Config
     from loraforge.data.tokenize import prompt_ids
     from loraforge.models import load_model
+    from loraforge.models.prepare import load_base
+    from loraforge.train.runs import run_info
 
     tab(page, "Chat")
-    choose(page, "chat-a1", SHORT_RUN)
+    choose(page, "chat-a1", qlora_run)
     wait_text(page, "chat-base", "tiny-llama")
-    prompt = "Say red"
+    prompt = "Say blue"
     fill(page, "chat-prompt", prompt)
     page.click("#chat-send")
-    # reference: transformers' greedy generate on the same base, with and without the trained adapter
-    model, tokenizer = load_model("tiny-llama")
+    # reference: transformers' greedy generate on the base as the run trained it (nf4), with and without
+    # the trained adapter; the dense base answers this prompt differently
+    model_config = Config.from_dict(run_info(runs_root / qlora_run).config(), check_files=False).model
+    assert model_config.quantization.type == "nf4"
+    model, tokenizer = load_base(model_config, torch.device("cpu"))
     ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": prompt}], "auto")])
 
-    def greedy() -> str:
+    def greedy(model) -> str:
         out = model.generate(ids, max_new_tokens=48, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-    base = greedy()
-    load_adapter(model, server.runs / SHORT_RUN / "adapter")
-    tuned = greedy()
-    assert base != tuned, "the adapter should change this greedy reply"
-    wait_text(page, "chat-out-1", re.escape(tuned.strip()[:20]) or ".", timeout=180)
-    deadline = time.time() + 60
+    base = greedy(model)
+    load_adapter(model, runs_root / qlora_run / "adapter")
+    tuned = greedy(model)
+    dense = greedy(load_model("tiny-llama")[0])
+    assert base != dense and tuned != base, "the quantization and the adapter should each change this reply"
+    deadline = time.time() + 180
     while (text_of(page, "chat-out-0"), text_of(page, "chat-out-1")) != (base, tuned) and time.time() < deadline:
         time.sleep(0.5)
     assert (text_of(page, "chat-out-0"), text_of(page, "chat-out-1")) == (base, tuned)
+    assert "nf4" in page.locator("#chat-out-0").inner_text()  # the column says which base answered
     shot(page, artifacts, "chat")
 
 
-def test_export_writes_a_model_transformers_loads(page, server, workdir, artifacts):
-    from transformers import AutoModelForCausalLM
-
+def export_from_the_page(page, run: str, fmt: str, out: Path, gguf_type: str | None = None) -> None:
     tab(page, "Export")
-    choose(page, "export-run", SHORT_RUN)
-    out = workdir / "exported"
+    choose(page, "export-run", run)
+    page.locator("#export-format").get_by_text(fmt, exact=True).click()
+    if gguf_type:
+        choose(page, "export-type", gguf_type)
     fill(page, "export-out", out)
     page.click("#export-button")
     wait_text(page, "export-result", "Exported to", timeout=240)
     assert "wrote" in text_of(page, "export-progress")
+
+
+def test_hf_export_writes_a_model_transformers_loads(lora_run, page, workdir, artifacts):
+    from transformers import AutoModelForCausalLM
+
+    out = workdir / "exported-hf"
+    export_from_the_page(page, lora_run, "hf", out)
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.config.model_type == "llama"
     shot(page, artifacts, "export")
+
+
+def test_gguf_export_writes_a_file_the_gguf_reader_loads(lora_run, page, workdir, runs_root):
+    import numpy as np
+
+    gguf = require("gguf")
+    peft = require("peft")
+    from loraforge.models import tiny_model
+
+    out = workdir / "exported.gguf"
+    export_from_the_page(page, lora_run, "gguf", out, gguf_type="f16")
+    reader = gguf.GGUFReader(str(out))
+    field = reader.fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == "llama"
+    tensors = {t.name: t for t in reader.tensors}
+    # the merged weights: a projection the adapter trained equals PEFT's merge of the run's adapter, in f16
+    merged = peft.PeftModel.from_pretrained(tiny_model("tiny-llama"), runs_root / lora_run / "adapter")
+    merged = merged.merge_and_unload()
+    value = tensors["blk.0.attn_v.weight"]
+    assert value.tensor_type == gguf.GGMLQuantizationType.F16
+    expected = merged.model.layers[0].self_attn.v_proj.weight.detach().numpy()
+    original = tiny_model("tiny-llama").model.layers[0].self_attn.v_proj.weight.detach().numpy()
+    got = np.asarray(value.data, dtype=np.float32).reshape(expected.shape)
+    assert np.abs(got - expected).max() < 2e-3 < np.abs(expected - original).max()

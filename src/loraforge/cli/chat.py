@@ -1,5 +1,6 @@
 """``loraforge chat``: one-shot or interactive chat with a model and an optional adapter; a vision-language
-model also takes images (``--image``, with the first prompt)."""
+model also takes images (``--image``, with the first prompt). The base is held as ``serve`` holds it
+(``--quantization``, see ``serve.base_model``)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ from pathlib import Path
 from loraforge.adapters import load_adapter
 from loraforge.cli.main import CommandError
 from loraforge.data.tokenize import prompt_ids
-from loraforge.models import load_model, resolve_device
+from loraforge.models import resolve_device
 from loraforge.models.kind import is_vision_language
+from loraforge.serve.base_model import load_serving_base
 from loraforge.train.evaluate import generate_replies
 
 
 def chat(model_source: str, adapter_dir: str | None, prompt: str | None, system: str | None,
-         max_new_tokens: int, device: str | None = None, images: list[str] | None = None) -> None:
+         max_new_tokens: int, device: str | None = None, images: list[str] | None = None,
+         quantization: str = "auto") -> None:
     target = resolve_device(device)
-    model, tokenizer = load_model(model_source)
+    model, tokenizer = load_serving_base(model_source, quantization, target)
     if adapter_dir:
         load_adapter(model, adapter_dir, base_model_name_or_path=model_source)
     model.to(target)

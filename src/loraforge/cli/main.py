@@ -39,6 +39,14 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="where the model runs: cpu, cuda or cuda:N (default: cuda if visible, else cpu)")
 
 
+def _add_quantization(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantization", default="auto", metavar="Q",
+                        help="how the base is held (loraforge.serve.base_model): auto (default) keeps a GGUF's "
+                             "Q4_0/Q4_1/Q8_0 blocks (the default model's too) where the device has bf16 units, "
+                             "else loads dense, and loads other models dense; gguf; "
+                             "none = dense fp32; nf4, fp4, int4, int8 quantize on load")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraforge", description="Fine-tune, export and serve LoRA-family adapters.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune from a YAML config")
     train.add_argument("config", help="path to the YAML config (see examples/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. train.lr=1e-4")
+    train.add_argument("--nproc", type=int, metavar="N", help="train on N processes of this machine under torchrun "
+                                                              "(one per GPU; needs train.distributed: ddp or fsdp)")
     train.set_defaults(handler=_train)
 
     convert = commands.add_parser("convert", help="write the loraforge config equivalent to a LLaMA-Factory config")
@@ -111,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "image files in (default: data: URLs only)")
     serve.add_argument("--public-metrics", action="store_true",
                        help="serve GET /metrics without the API key (by default the key guards it too)")
+    serve.add_argument("--replicas", type=int, metavar="N", help="run N engine replicas under Ray Serve, routing each adapter's "
+                                                    "requests to a replica that holds it (needs ray[serve])")
+    serve.add_argument("--adapters-per-replica", type=int, metavar="K",
+                       help="with --replicas: adapters one replica keeps loaded, its LRU's size (default 8)")
+    _add_quantization(serve)
     _add_device(serve)
     serve.set_defaults(handler=_serve)
 
@@ -122,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--image", action="append", default=[], metavar="PATH",
                       help="an image for the first prompt (repeatable; vision-language models)")
+    _add_quantization(chat)
     _add_device(chat)
     chat.set_defaults(handler=_chat)
 
@@ -138,6 +154,13 @@ def _train(args) -> int:
     from loraforge.config.llamafactory import convert, looks_like_llamafactory
     from loraforge.train import run_training
 
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise CommandError(f"--nproc {args.nproc}: give a number of processes, 1 or more")
+        if args.nproc > 1:
+            from loraforge.cli.launch import train_on_processes
+
+            return train_on_processes(args.nproc, args.config, args.overrides)
     if not looks_like_llamafactory(args.config):
         config = load_config(args.config, args.overrides)
         return 130 if run_training(config).interrupted else 0
@@ -212,17 +235,25 @@ def _serve(args) -> int:
         if name in adapters:
             raise CommandError(f"--adapter: the name {name!r} is given twice")
         adapters[name] = path
+    options = {}
+    if args.replicas is not None:
+        from loraforge.serve.replicas import run_replicas as run_server
+
+        options = {"replicas": args.replicas}
+        if args.adapters_per_replica is not None:
+            options["adapters_per_replica"] = args.adapters_per_replica
     run_server(args.model, adapters, args.adapter_dir, args.host, args.port, args.api_key,
                int(args.pool_gb * 2**30), device=args.device, metrics_public=args.public_metrics,
                max_rank=args.max_rank, max_num_seqs=args.max_num_seqs, threads=args.threads,
-               image_root=args.image_root)
+               image_root=args.image_root, quantization=args.quantization, **options)
     return 0
 
 
 def _chat(args) -> int:
     from loraforge.cli.chat import chat
 
-    chat(args.model, args.adapter, args.prompt, args.system, args.max_new_tokens, args.device, args.image)
+    chat(args.model, args.adapter, args.prompt, args.system, args.max_new_tokens, args.device, args.image,
+         args.quantization)
     return 0
 
 

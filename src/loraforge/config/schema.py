@@ -34,6 +34,8 @@ Optimizer = Literal["adamw", "paged_adamw", "adamw_8bit"]
 Scheduler = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16"]
 OnOverflow = Literal["drop", "error"]
+Distributed = Literal["none", "ddp", "fsdp"]
+CpuAllocator = Literal["fast", "compact"]
 
 
 
@@ -238,6 +240,10 @@ class TrainConfig:
     max_grad_norm: float | None = setting(1.0, "Clip the gradient norm to this; 0 or null = no clipping.", ge=0)
     precision: Precision = setting("fp32", "fp32, or bf16 autocast.")
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
+    cpu_allocator: CpuAllocator = setting("fast", "CPU runs only: fast (glibc's default: freed activations stay in "
+                                                  "the heap for reuse) | compact (every block of 128 KiB or more "
+                                                  "goes back to the OS when freed: a lower peak RSS, slower steps; "
+                                                  "see BENCHMARKS.md).")
     logging_steps: int = setting(1, "Log metrics every N optimizer steps.", gt=0)
     eval_steps: int | None = setting(None, "Evaluate every N steps; null = only at the end (if there is eval data).",
                                      gt=0)
@@ -247,6 +253,12 @@ class TrainConfig:
                                                     "null = one learning rate.", gt=0)
     resume_from_checkpoint: str | None = setting(None, "null | 'latest' (newest checkpoint in output.dir) | path "
                                                        "to a checkpoint folder.")
+    distributed: Distributed = setting("none", "Under torchrun (or loraforge train --nproc N): ddp (every process "
+                                               "holds the model) | fsdp (FSDP2: base, adapter and optimizer state "
+                                               "sharded; a quantized base too) | none (one process). batch_size is "
+                                               "then the micro-batch of all processes together, split among them.")
+    distributed_timeout: float = setting(600.0, "Seconds a process waits for the others before it stops with an "
+                                                "error (a process died or hangs).", gt=0)
 
     def check(self) -> list[tuple[str, str]]:
         if self.warmup_steps and self.warmup_ratio:
@@ -307,6 +319,17 @@ def _cross_section_problems(config: Config) -> list[Problem]:
         problems.append(Problem(("adapter", "method"), f"adapter.method: {adapter.method} trains on a quantized base "
                                                        f"of type {' or '.join(needs)}; set model.quantization.type "
                                                        "to one of them"))
+    strategy = config.train.distributed
+    if strategy != "none" and adapter.method in METHODS and METHODS[adapter.method].training_hook is not None:
+        problems.append(Problem(("train", "distributed"), f"train.distributed: {strategy} can't train adapter.method "
+                                                          f"{adapter.method}: its training hook (a rank allocator) "
+                                                          "reads whole gradients on one process; use "
+                                                          "train.distributed: none"))
+    if strategy == "fsdp" and config.data.test_files:
+        problems.append(Problem(("data", "test_files"), "data.test_files: generation for the exact-match test "
+                                                        "needs the whole model on one process, which "
+                                                        "train.distributed: fsdp shards; use ddp, or score the "
+                                                        "adapter afterwards with loraforge eval"))
     if adapter.init.startswith("pissa") and quant is not None:
         problems.append(Problem(("adapter", "init"), "adapter.init: pissa moves the weight's principal part into the "
                                                      "adapter and leaves the base the residual, which a quantized "

@@ -15,17 +15,21 @@ def load_base(config: ModelConfig, device: torch.device):
     """``(model, tokenizer)`` (a ``VisionProcessor`` for a vision-language model): the source loaded in ``config.dtype`` (or a GGUF's own blocks with
     ``quantization.type: gguf``), quantized as ``config.quantization`` says, and moved to ``device``.
 
-    Training, export and ``loraforge info`` build their base through here, so an exported run merges into
-    the very base it was trained on."""
+    Training, export, chat, serve and ``loraforge info`` build their base through here, so an exported run
+    merges into the very base it was trained on. An nf4/fp4/int base is streamed from the checkpoint into its
+    quantized form and kept in the model cache (``models.quantized_base``)."""
     quant = config.quantization
-    if quant is not None and quant.type == "gguf":
+    if quant is None:
+        model, tokenizer = load_model(config.source, config.dtype)
+    elif quant.type == "gguf":
         from loraforge.quant.quantize_model import COMPUTE_DTYPES, resolve_compute_dtype
 
         compute = resolve_compute_dtype(COMPUTE_DTYPES[quant.compute_dtype], device)
         model, tokenizer = load_model(config.source, {v: k for k, v in DTYPES.items()}[compute], native_gguf=True)
-    else:
-        model, tokenizer = load_model(config.source, config.dtype)
-        model = _quantize(model, config)
+    else:  # streamed into its quantized form, and cached (models.quantized_base)
+        from loraforge.models.quantized_base import load_quantized_base
+
+        return load_quantized_base(config, device)
     return model.to(device), tokenizer
 
 

@@ -120,20 +120,25 @@ def _torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_hf_dir(path: Path) -> None:
+    """Raise ``ModelSourceError`` unless ``path`` has a ``config.json`` and safetensors weights."""
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{path}: not a Hugging Face model directory (config.json is missing)")
     if not any(path.glob("*.safetensors")):
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         hint = f" It holds {found}: loraforge never unpickles weight files; convert them to safetensors." if found else ""
         raise ModelSourceError(f"{path}: no *.safetensors weights.{hint}")
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_hf_dir(path)
     model_type = read_model_type(path)
     if model_type in VLM_MODEL_TYPES:
-        with _transformers_errors(path):
+        with transformers_errors(path):
             return load_vlm_dir(path, model_type, dtype)
-    with _transformers_errors(path):
+    with transformers_errors(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(path)
     return set_kind(model.eval(), CAUSAL_LM), tokenizer
@@ -148,7 +153,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
             f"{path}: GGUF architecture {arch!r} is not supported; loraforge loads the Llama family "
             f"({', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
         )
-    with _transformers_errors(path):
+    with transformers_errors(path):
         model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="sdpa"
         )
@@ -157,7 +162,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
 
 @contextmanager
-def _transformers_errors(path: Path):
+def transformers_errors(path: Path):
     """Turn transformers' load failures (a missing package, a bad config, unreadable weights) into one
     ``ModelSourceError`` that names the model and says what to do."""
     try:

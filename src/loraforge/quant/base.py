@@ -5,9 +5,9 @@ its packed tensors as buffers and answers:
 
 - ``shape``: ``(out_features, in_features)`` of the dense weight it stands for;
 - ``dequantize(dtype)``: the dense ``(out_features, in_features)`` weight;
-- ``matmul(x)``: ``x @ W.T`` for ``x`` of shape ``(..., in_features)``, fused where a kernel exists,
-  else by dequantizing this one layer (never more than one layer's dense weight at a time;
-  ``dequantize_matmul`` does this and keeps autograd from storing the dense weight);
+- ``matmul(x)``: ``x @ W.T`` for ``x`` of shape ``(..., in_features)``: ``quantized_matmul``, which runs
+  ``kernels.py`` (torch's int4 kernel for decode-size inputs where the format maps onto it, else a
+  dequantize-and-matmul a tile at a time) and keeps autograd from storing any dense weight;
 - ``nbytes``: storage bytes of the packed tensors (codes, scales, nested constants);
 - ``tensors()`` / ``from_tensors(tensors, meta)``: the safetensors round trip.
 """
@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from loraforge.quant import kernels
 
 
 @runtime_checkable
@@ -36,27 +37,28 @@ class QuantizedWeight(Protocol):
     def nbytes(self) -> int: ...
 
 
-class _DequantizedLinear(torch.autograd.Function):
-    """``x @ W.T`` for a frozen quantized ``W``. Backward dequantizes again instead of letting autograd
-    keep every layer's dense weight alive until the backward pass."""
+class _QuantizedLinear(torch.autograd.Function):
+    """``x @ W.T`` for a frozen quantized ``W``. Backward computes the input gradient ``grad @ W`` from the
+    quantized weight again instead of letting autograd keep every layer's dense weight alive until the
+    backward pass; no weight gradient is ever formed."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
         ctx.weight = weight
-        return F.linear(x, weight.dequantize(x.dtype))
+        return kernels.linear(weight, x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad_out @ ctx.weight.dequantize(grad_out.dtype), None
+        return kernels.input_grad(ctx.weight, grad_out), None
 
 
-def dequantize_matmul(weight: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` in ``x.dtype`` by dequantizing ``weight`` for this call only.
+def quantized_matmul(weight: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` in ``x.dtype``, never holding more than a tile of ``weight`` dense (``kernels``).
 
     Shapes: ``x`` ``(..., in_features)`` -> ``(..., out_features)``. Gradients flow to ``x`` (and to
     anything upstream, such as a LoRA adapter), never to ``weight``.
     """
-    return _DequantizedLinear.apply(x, weight)
+    return _QuantizedLinear.apply(x, weight)
 
 
 class QuantLinear(nn.Module):

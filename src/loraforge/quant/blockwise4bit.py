@@ -19,8 +19,8 @@ boundary, e.g. a (40, 192) weight with block 128; its quantization, its CUDA ker
 treat the weight as flat.) bitsandbytes is only a test reference: nothing here imports it.
 
 Everything is plain device-agnostic torch: it runs on CPU and, unchanged, on CUDA. ``matmul`` dequantizes
-this one layer and calls ``F.linear`` in the input's dtype; autograd never keeps the dense weight
-(``base.dequantize_matmul``), so at most one layer's dense weight exists at a time.
+this one layer (on CPU a tile at a time, ``kernels``) and multiplies in the input's dtype; autograd never
+keeps the dense weight (``base.quantized_matmul``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,12 @@ from functools import cache
 import torch
 from torch import nn
 
-from loraforge.quant.base import dequantize_matmul
-from loraforge.quant.double_quant import NESTED_BLOCK_SIZE, double_dequantize, double_quantize
+from loraforge.quant.base import quantized_matmul
+from loraforge.quant.double_quant import (
+    NESTED_BLOCK_SIZE,
+    double_dequantize,
+    double_quantize,
+)
 
 NF4_CODE = (
     -1.0,
@@ -182,7 +186,7 @@ def dequantize_4bit(
     """
     table = _byte_table(quant_type, packed.device)
     values = table.index_select(0, packed.reshape(-1).to(torch.int32)).view(-1, block_size)
-    values.mul_(absmax.view(-1, 1))
+    values.mul_(absmax.reshape(-1, 1))
     return values.view(shape).to(dtype)
 
 
@@ -259,9 +263,33 @@ class Blockwise4bitWeight(nn.Module):
         """The dense ``(out_features, in_features)`` weight in ``dtype``."""
         return dequantize_4bit(self.packed, self.block_absmax(), self._shape, self.block_size, self.format, dtype)
 
+    @property
+    def tile_columns(self) -> int:
+        return self.block_size
+
+    def tile_dequantizer(self):
+        """``(rows, cols, dtype) -> dense tile`` for ``kernels``, with the absmax decoded once for all tiles;
+        ``cols`` aligned to ``block_size``. None when blocks cross rows (``block_size`` doesn't divide
+        ``in_features``)."""
+        out, in_features = self._shape
+        if in_features % self.block_size:
+            return None
+        packed = self.packed.view(out, in_features // 2)
+        absmax = self.block_absmax().view(out, in_features // self.block_size)
+        bs = self.block_size
+
+        def tile(rows: slice, cols: slice, dtype: torch.dtype) -> torch.Tensor:
+            codes = packed[rows, cols.start // 2 : cols.stop // 2]
+            scales = absmax[rows, cols.start // bs : cols.stop // bs]
+            shape = (codes.shape[0], cols.stop - cols.start)
+            return dequantize_4bit(codes, scales, shape, bs, self.format, dtype)
+
+        return tile
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` in ``x.dtype``: ``(..., in_features)`` -> ``(..., out_features)``."""
-        return dequantize_matmul(self, x)
+        """``x @ W.T`` in ``x.dtype``: ``(..., in_features)`` -> ``(..., out_features)`` (``kernels`` picks the
+        path: a tiled dequantize-and-matmul on CPU; NF4/FP4 levels don't fit torch's int4 kernel)."""
+        return quantized_matmul(self, x)
 
     @property
     def nbytes(self) -> int:

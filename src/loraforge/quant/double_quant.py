@@ -25,7 +25,7 @@ NESTED_BLOCK_SIZE = 256
 
 
 @cache
-def dynamic_map(device: torch.device = torch.device("cpu")) -> torch.Tensor:
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(signed=True)``): 256 sorted fp32 values,
     built once per device (dequantization reads it on every call).
 

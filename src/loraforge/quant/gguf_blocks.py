@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from loraforge.quant.base import dequantize_matmul
+from loraforge.quant.base import quantized_matmul
 
 BLOCK_SIZE = 32
 """Weights per GGUF block, for every type here."""
@@ -71,11 +71,27 @@ class GGUFBlockWeight(nn.Module):
         raise NotImplementedError
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out, in_features = self.shape
+        return self._dequantize_tile(slice(0, out), slice(0, in_features), dtype)
+
+    tile_columns = BLOCK_SIZE
+
+    def tile_dequantizer(self):
+        """``(rows, cols, dtype) -> dense tile`` for ``kernels``; ``cols`` aligned to the block size."""
+        return self._dequantize_tile
+
+    def _dequantize_tile(self, rows: slice, cols: slice, dtype: torch.dtype) -> torch.Tensor:
+        blocks = slice(cols.start // BLOCK_SIZE, cols.stop // BLOCK_SIZE)
+        w = self._block_values(**{name: getattr(self, name)[rows, blocks] for name, _, _ in self.fields})
+        return w.reshape(w.shape[0], -1).to(dtype)
+
+    def _block_values(self, **fields: torch.Tensor) -> torch.Tensor:
+        """fp32 ``(rows, blocks, 32)`` weights from block fields ``(rows, blocks[, count])``, as ggml computes them."""
         raise NotImplementedError
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` for ``x`` ``(..., in)``, dequantizing this one layer to ``x.dtype``."""
-        return dequantize_matmul(self, x)
+        """``x @ W.T`` for ``x`` ``(..., in)`` in ``x.dtype`` (``kernels`` picks the path)."""
+        return quantized_matmul(self, x)
 
     def select_rows(self, index: torch.Tensor) -> GGUFBlockWeight:
         """A weight of the same type whose row i is row ``index[i]`` of this one; no block changes."""
@@ -140,6 +156,8 @@ class Q4_0Weight(GGUFBlockWeight):
     format = "q4_0"
     type_size = 18
     fields = (("d", torch.float16, 1), ("qs", torch.uint8, 16))
+    int4_group_size = BLOCK_SIZE
+    """Torch's int4 kernel takes these blocks (``kernels``)."""
 
     def codes(self) -> torch.Tensor:
         return unpack_nibbles(self.qs).reshape(self.shape)
@@ -148,10 +166,14 @@ class Q4_0Weight(GGUFBlockWeight):
         """The same weights as Q4_1: ``d·(q − 8) = d·q + m`` with ``m = −8d`` (exact in fp16 and fp32)."""
         return Q4_1Weight(d=self.d, m=(self.d.float() * -8).half(), qs=self.qs)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        q = unpack_nibbles(self.qs).to(torch.int8) - 8
-        w = self.d.float()[..., None] * q.float()
-        return w.reshape(self.shape).to(dtype)
+    def _block_values(self, d: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+        q = unpack_nibbles(qs).to(torch.int8) - 8
+        return d.float()[..., None] * q.float()
+
+    def int4_affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``(codes, scale, min, 32)`` with ``w = scale·q + min`` for ``kernels``: scale d, min −8d."""
+        d = self.d.float()
+        return self.codes(), d, -8 * d, BLOCK_SIZE
 
 
 class Q4_1Weight(GGUFBlockWeight):
@@ -160,14 +182,18 @@ class Q4_1Weight(GGUFBlockWeight):
     format = "q4_1"
     type_size = 20
     fields = (("d", torch.float16, 1), ("m", torch.float16, 1), ("qs", torch.uint8, 16))
+    int4_group_size = BLOCK_SIZE
+    """Torch's int4 kernel takes these blocks (``kernels``)."""
 
     def codes(self) -> torch.Tensor:
         return unpack_nibbles(self.qs).reshape(self.shape)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        q = unpack_nibbles(self.qs).float()
-        w = self.d.float()[..., None] * q + self.m.float()[..., None]
-        return w.reshape(self.shape).to(dtype)
+    def _block_values(self, d: torch.Tensor, m: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+        return d.float()[..., None] * unpack_nibbles(qs).float() + m.float()[..., None]
+
+    def int4_affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``(codes, scale, min, 32)`` with ``w = scale·q + min`` for ``kernels``: scale d, min m."""
+        return self.codes(), self.d.float(), self.m.float(), BLOCK_SIZE
 
 
 class Q8_0Weight(GGUFBlockWeight):
@@ -180,9 +206,8 @@ class Q8_0Weight(GGUFBlockWeight):
     def codes(self) -> torch.Tensor:
         return self.qs.reshape(self.shape)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        w = self.qs.float() * self.d.float()[..., None]
-        return w.reshape(self.shape).to(dtype)
+    def _block_values(self, d: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+        return qs.float() * d.float()[..., None]
 
 
 BLOCK_FORMATS: dict[str, type[GGUFBlockWeight]] = {"q4_0": Q4_0Weight, "q4_1": Q4_1Weight, "q8_0": Q8_0Weight}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraforge.quant.base import dequantize_matmul
+from loraforge.quant.base import quantized_matmul
 from loraforge.quant.gguf_blocks import BLOCK_SIZE, Q4_1Weight, pack_nibbles
 
 BITS = (2, 3, 4, 8)
@@ -61,9 +61,32 @@ class IntKWeight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out, in_features = self.shape
-        q = self.unpacked_codes().reshape(out, -1, self.group_size)
-        w = torch.addcmul(self.min.float()[..., None], self.scale.float()[..., None], q)  # one pass, one buffer
-        return w.reshape(out, in_features).to(dtype)
+        return self._dequantize_tile(slice(0, out), slice(0, in_features), dtype)
+
+    @property
+    def tile_columns(self) -> int:
+        return self.group_size
+
+    def tile_dequantizer(self):
+        """``(rows, cols, dtype) -> dense tile`` for ``kernels``; ``cols`` aligned to ``group_size``."""
+        return self._dequantize_tile
+
+    def _dequantize_tile(self, rows: slice, cols: slice, dtype: torch.dtype) -> torch.Tensor:
+        groups = slice(cols.start // self.group_size, cols.stop // self.group_size)
+        codes = self.codes[rows, cols.start * self.bits // 8 : cols.stop * self.bits // 8]
+        q = unpack_codes(codes, self.bits).reshape(codes.shape[0], -1, self.group_size)
+        scale, low = self.scale[rows, groups], self.min[rows, groups]
+        w = torch.addcmul(low.float()[..., None], scale.float()[..., None], q)  # one pass, one buffer
+        return w.reshape(codes.shape[0], -1).to(dtype)
+
+    @property
+    def int4_group_size(self) -> int | None:
+        """The group size for torch's int4 kernel (``kernels``); None for INT8, whose codes don't fit 4 bits."""
+        return self.group_size if self.bits <= 4 else None
+
+    def int4_affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``(codes (out, in), scale, min, group_size)`` with ``w = scale·q + min`` for torch's int4 kernel."""
+        return self.unpacked_codes(), self.scale.float(), self.min.float(), self.group_size
 
     def to_q4_1(self) -> Q4_1Weight:
         """The same weights as GGUF Q4_1 blocks (bits ≤ 4): d = scale, m = min, repeated over the
@@ -84,8 +107,8 @@ class IntKWeight(nn.Module):
         )
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` for ``x`` ``(..., in)``, dequantizing this one layer to ``x.dtype``."""
-        return dequantize_matmul(self, x)
+        """``x @ W.T`` for ``x`` ``(..., in)`` in ``x.dtype`` (``kernels`` picks the path)."""
+        return quantized_matmul(self, x)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"codes": self.codes, "scale": self.scale, "min": self.min}

@@ -81,7 +81,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     return target
 
 
-def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
+                   device: torch.device | None = None) -> nn.Module:
     """Load a directory written by ``save_quantized``.
 
     Args:
@@ -89,11 +90,12 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
         model: the architecture to fill: a dense or meta-device instance of the saved model's class.
             When None, a Hugging Face causal LM is built on the meta device from ``config.json``, so
             no dense weight is ever materialised.
+        device: where the model will compute (None: the CPU); a bf16 compute dtype falls back to fp32
+            with a warning when it lacks bf16, as in ``quantize_model``.
 
     Returns:
         The model on CPU in eval mode, with its quantized layers rebuilt as ``QuantLinear`` and every
-        other tensor taken from the file. A bf16 compute dtype falls back to fp32 with a warning when
-        the CPU lacks bf16, as in ``quantize_model``.
+        other tensor taken from the file (memory-mapped, copy-on-write: pages are read on first use).
 
     Raises:
         ValueError: the file lacks tensors the model needs, holds tensors or layers the model has no
@@ -117,7 +119,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
     if unknown:
         raise ValueError(f"unknown quantized formats {unknown}; this version reads {sorted(WEIGHT_CLASSES)}")
     compute_dtypes = {
-        name: resolve_compute_dtype(dtype, torch.device("cpu"))
+        name: resolve_compute_dtype(dtype, device or torch.device("cpu"))
         for name, dtype in COMPUTE_DTYPES.items()
         if name in {meta["compute_dtype"] for meta in layers.values()}
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from loraforge.quant import kernels
 from loraforge.quant.base import QuantLinear
 
 
@@ -22,11 +23,14 @@ def quant_summary(model: nn.Module) -> dict:
       (tied weights are not counted twice);
     - ``compute_dtypes``: quantized layers per matmul dtype (``float32`` where bf16 was asked for on a device
       without bf16 units: ``quantize_model.resolve_compute_dtype`` falls back);
+    - ``matmul_paths``: quantized layers per matmul path (``kernels.describe``: torch's int4 kernel for
+      decode-size inputs where the format maps, tiled dequantize-and-matmul otherwise);
     - ``params``: logical parameter count, dense parameters plus ``quantized_params``;
     - ``trainable_params``: elements of parameters with ``requires_grad``.
     """
     formats: dict[str, int] = {}
     compute_dtypes: dict[str, int] = {}
+    paths: dict[str, int] = {}
     quantized_params = quantized_bytes = 0
     for module in model.modules():
         if isinstance(module, QuantLinear):
@@ -34,6 +38,8 @@ def quant_summary(model: nn.Module) -> dict:
             formats[weight.format] = formats.get(weight.format, 0) + 1
             dtype = str(module.compute_dtype).removeprefix("torch.")
             compute_dtypes[dtype] = compute_dtypes.get(dtype, 0) + 1
+            path = kernels.describe(weight, module.compute_dtype)
+            paths[path] = paths.get(path, 0) + 1
             quantized_params += weight.shape[0] * weight.shape[1]
             quantized_bytes += weight.nbytes
     parameters = list(model.parameters())
@@ -44,6 +50,7 @@ def quant_summary(model: nn.Module) -> dict:
         "quantized_layers": sum(formats.values()),
         "formats": formats,
         "compute_dtypes": compute_dtypes,
+        "matmul_paths": paths,
         "quantized_params": quantized_params,
         "quantized_bytes": quantized_bytes,
         "bits_per_param": 8 * quantized_bytes / quantized_params if quantized_params else None,

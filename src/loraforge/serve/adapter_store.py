@@ -22,6 +22,7 @@ from loraforge.adapters.registry import METHODS
 from loraforge.serve.errors import UnknownAdapterError
 from loraforge.serve.lora_ops import LoraPair
 from loraforge.serve.memory_pool import PagePool
+from loraforge.serve.prefix_cache import content_hash
 
 SUPPORTED = f"adapters of the methods {', '.join(METHODS)} on the attention and MLP projections"
 UNSUPPORTED_FIELDS = {
@@ -57,6 +58,8 @@ class Adapter:
     """Where each tensor goes in the adapter's pages: (module, 0 for A / 1 for B / 2 for the row scale,
     page index, offset)."""
     num_pages: int
+    content_hash: bytes = b""
+    """Digest of the folded weights: the root of this adapter's prefix-cache keys (``serve.prefix_cache``)."""
     pinned: bool = False
     refs: int = 0
     pages: list[int] | None = None
@@ -105,7 +108,7 @@ class AdapterStore:
             raise ValueError(f"an adapter named {name!r} is already registered; unregister it first or pick another name")
         modules = self._validate(config, tensors, source)
         layout, num_pages = _pack(modules, self.pool.page_numel)
-        adapter = Adapter(name, source, modules, layout, num_pages)
+        adapter = Adapter(name, source, modules, layout, num_pages, _content_hash(modules))
         self.adapters[name] = adapter
         if pinned:
             self.pin(name)
@@ -256,6 +259,11 @@ class AdapterStore:
         adapter.pages = None
         adapter.views = {}
         del self._lru[adapter.name]
+
+
+def _content_hash(modules: dict[ModuleKey, LowRank]) -> bytes:
+    return content_hash((f"{layer}.{proj}.{field}", value) for (layer, proj), pair in sorted(modules.items())
+                        for field, value in (("a", pair.a), ("b", pair.b), ("scale", pair.scale), ("m", pair.row_scale)))
 
 
 def _stored(pair: LowRank) -> tuple[torch.Tensor, ...]:

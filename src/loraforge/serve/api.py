@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from loraforge.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from loraforge.quant.summary import quant_summary
 from loraforge.serve.chat_images import vision_prompt
 from loraforge.serve.engine import Delta, Engine, EngineConfig, Request
 from loraforge.serve.errors import EngineClosedError, RequestTooLargeError, UnknownAdapterError
@@ -87,6 +88,7 @@ def create_app(
     root = Path(adapter_root).resolve() if adapter_root is not None else None
     image_dir = Path(image_root).resolve() if image_root is not None else None
     http_requests: Counter = Counter()
+    base = quant_summary(engine.runner.model)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -143,13 +145,7 @@ def create_app(
 
     @app.get("/v1/models")
     async def models():
-        created = int(time.time())
-        names = await run_in_threadpool(lambda: engine.adapter_names)
-        base = {"id": model_name, "object": "model", "created": created, "owned_by": "loraforge", "root": model_name, "parent": None}
-        return {"object": "list", "data": [base] + [
-            {"id": name, "object": "model", "created": created, "owned_by": "loraforge", "root": name, "parent": model_name}
-            for name in names
-        ]}
+        return model_list(model_name, await run_in_threadpool(lambda: engine.adapter_names))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
@@ -198,9 +194,19 @@ def create_app(
     @app.get("/metrics")
     async def metrics():
         stats = await run_in_threadpool(engine.stats)
-        return PlainTextResponse(_prometheus(stats, http_requests), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(_prometheus(stats, http_requests, base), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def model_list(model_name: str, adapter_names) -> dict:
+    """The body of ``GET /v1/models``: the base model, then each adapter (its ``parent`` is the base)."""
+    created = int(time.time())
+    base = {"id": model_name, "object": "model", "created": created, "owned_by": "loraforge", "root": model_name, "parent": None}
+    return {"object": "list", "data": [base] + [
+        {"id": name, "object": "model", "created": created, "owned_by": "loraforge", "root": name, "parent": model_name}
+        for name in adapter_names
+    ]}
 
 
 def _prompts(prompt) -> list[str | list[int]]:
@@ -385,8 +391,12 @@ def _route_template(app: FastAPI, scope) -> str:
     return getattr(route, "path", "unmatched")
 
 
-def _prometheus(stats, http_requests: Counter) -> str:
+def _prometheus(stats, http_requests: Counter, base: dict) -> str:
+    """The Prometheus text of ``/metrics``; ``base`` is ``quant.summary.quant_summary`` of the base model."""
     metrics = [
+        ("loraforge_base_model_bytes", "gauge", "Bytes of the base model's weights (quantized ones as stored).",
+         base["total_bytes"]),
+        ("loraforge_base_quantized_bytes", "gauge", "Bytes of the base model's quantized linears.", base["quantized_bytes"]),
         ("loraforge_requests_finished_total", "counter", "Requests finished (any reason).", stats.requests_finished),
         ("loraforge_prompt_tokens_total", "counter", "Prompt tokens of requests submitted.", stats.prompt_tokens),
         ("loraforge_generated_tokens_total", "counter", "Tokens generated.", stats.output_tokens),
@@ -471,6 +481,7 @@ def run_server(
     shutdown_timeout: float = 10.0,
     log_level: str = "info",
     image_root: str | os.PathLike | None = None,
+    quantization: str = "auto",
 ) -> None:
     """Load ``model_source``, register ``adapters`` (name -> PEFT directory) and every adapter folder in
     ``adapter_dir``, and serve the OpenAI-compatible API on ``host:port`` until interrupted.
@@ -480,11 +491,14 @@ def run_server(
     vision-language model's chat may read local images from. ``adapter_dir`` is also the root
     that ``/v1/load_lora_adapter`` may load from. ``device``: where the model runs (``cpu``, ``cuda``,
     ``cuda:N``; None: CUDA when visible, else the CPU). ``threads`` sets torch's thread count (None:
-    torch's default). Raises ``ValueError`` for an adapter name given twice.
+    torch's default). ``quantization`` (``serve.base_model.QUANTIZATIONS``): ``auto`` keeps a GGUF source's
+    quantized blocks and serves other sources dense; ``nf4``/``int4``/... quantize on load. Raises
+    ``ValueError`` for an adapter name given twice.
     """
     import torch
 
-    from loraforge.models import load_model
+    from loraforge.models import resolve_device
+    from loraforge.serve.base_model import load_serving_base
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -493,7 +507,7 @@ def run_server(
     both = sorted(set(found) & set(adapters or {}))
     if both:
         raise ValueError(f"adapter names given by --adapter and found in --adapter-dir: {both}; rename one")
-    model, tokenizer = load_model(model_source)
+    model, tokenizer = load_serving_base(model_source, quantization, resolve_device(device))
     engine = Engine(model, tokenizer, device=device, adapters={**found, **(adapters or {})}, pool_bytes=pool_bytes,
                     max_rank=max_rank, max_num_seqs=max_num_seqs)
     name = model_name or served_name(model_source)

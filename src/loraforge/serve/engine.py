@@ -22,7 +22,8 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence as Seq
+from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -34,9 +35,14 @@ from loraforge.data.images import ImageRef
 from loraforge.models.device import resolve_device
 from loraforge.models.kind import is_vision_language
 from loraforge.serve.adapter_store import AdapterStore
-from loraforge.serve.errors import EngineClosedError, RequestTooLargeError, UnknownAdapterError
+from loraforge.serve.errors import (
+    EngineClosedError,
+    RequestTooLargeError,
+    UnknownAdapterError,
+)
 from loraforge.serve.memory_pool import PagePool
 from loraforge.serve.paged_kv import PagedKVCache, kv_page_numel
+from loraforge.serve.prefix_cache import PrefixCache
 from loraforge.serve.runner import ModelRunner
 from loraforge.serve.sampling import SamplingParams, make_generator, sample
 from loraforge.serve.scheduler import Scheduler, Sequence, group_by_adapter, pack_step
@@ -59,18 +65,24 @@ class EngineConfig:
     max_num_seqs: int = 64
     """Most sequences in one step."""
     max_batch_tokens: int = 2048
-    """Token budget of one step (decodes count one each); the first prefill of a step may exceed it."""
+    """Token budget of one step (decodes count one each); longer prompts are prefilled in chunks over
+    several steps (a prompt with images, which is prefilled whole, may exceed it when it runs first)."""
     max_bypass: int = 32
     """How many later requests may be admitted ahead of a waiting one before it blocks admission."""
     max_lookahead: int = 256
     """Most waiting requests admission looks at per step, from the front of the queue."""
+    prefix_caching: bool = True
+    """Share the KV blocks of common prompt prefixes between requests of the same adapter weights."""
 
     def __post_init__(self):
         problems = [
-            f"{f.name}={getattr(self, f.name)!r} must be a positive integer"
+            f"{f.name}={getattr(self, f.name)!r} must be true or false" if f.type in (bool, "bool")
+            else f"{f.name}={getattr(self, f.name)!r} must be a positive integer"
             for f in fields(self)
             if not (getattr(self, f.name) is None and f.name == "block_size")
-            and not (isinstance(getattr(self, f.name), int) and getattr(self, f.name) > 0)
+            and not (isinstance(getattr(self, f.name), bool) if f.type in (bool, "bool")
+                     else isinstance(getattr(self, f.name), int) and not isinstance(getattr(self, f.name), bool)
+                     and getattr(self, f.name) > 0)
         ]
         if problems:
             raise ValueError("invalid engine settings: " + "; ".join(problems))
@@ -129,6 +141,10 @@ class EngineStats:
     prompt_tokens: int
     output_tokens: int
     preemptions: int
+    prefix_cached_pages: int = 0
+    """Pages holding a prefix-cache block, in use or idle (idle ones also count as free)."""
+    prefix_hit_blocks: int = 0
+    """KV blocks found in the prefix cache instead of computed, since the start."""
 
 
 class RequestHandle:
@@ -219,7 +235,7 @@ class Engine:
                                   functools.partial(fold_adapter, self.runner.model))
         self.scheduler = Scheduler(
             self.kv, self.store, self.config.max_num_seqs, self.config.max_batch_tokens, self.config.max_bypass,
-            self.config.max_lookahead,
+            self.config.max_lookahead, PrefixCache(self.pool, enabled=self.config.prefix_caching),
         )
         self.eos_ids = _eos_ids(model, tokenizer)
         self._lock = threading.RLock()
@@ -301,6 +317,8 @@ class Engine:
                 adapter_pages=self.pool.used("adapter"),
                 free_pages=self.pool.num_free,
                 preemptions=self.scheduler.num_preemptions,
+                prefix_cached_pages=self.scheduler.cache.num_cached,
+                prefix_hit_blocks=self.scheduler.cache.hit_blocks,
                 **self._counters,
             )
 
@@ -442,11 +460,16 @@ class Engine:
         for adapter in batch.adapters:
             self.store.touch(adapter)
         logits = self.runner.forward(batch, self.kv)
-        lives = [self._live[seq.request_id] for seq in seqs]
+        lives = []  # the sequences whose step reached their last token: they sample one
+        for seq in seqs:
+            complete = seq.num_cached + seq.num_new == seq.num_tokens
+            seq.num_cached += seq.num_new
+            self.scheduler.cache_blocks(seq)
+            if complete:
+                lives.append(self._live[seq.request_id])
         tokens = sample(logits, [live.seq.params for live in lives], [live.generator for live in lives])
         for live, token in zip(lives, tokens):
             seq = live.seq
-            seq.num_cached = len(seq.tokens)
             seq.output_ids.append(token)
             self._counters["output_tokens"] += 1
             self._advance(live, token)

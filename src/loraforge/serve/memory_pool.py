@@ -5,9 +5,17 @@ block for all layers (``num_layers * 2 * block_size * num_kv_heads * head_dim`` 
 adapter's matrices are packed into whole pages (a matrix never straddles two pages, so any free
 pages will do and the pool never needs compaction). Freeing an adapter's pages makes them
 available to the KV cache at once, and the other way round.
+
+A free page may still hold useful content: a prefix-cache KV block no request uses any more
+(``release(..., keep=True)``). Such pages count as free, are handed out only after the pages that
+hold nothing (oldest first), and whoever cached them hears of it (``on_reuse``) when they are, so
+the cache never outgrows the one budget. ``revive`` takes one back into use as it is.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -30,7 +38,11 @@ class PagePool:
         self.page_numel = page_numel
         self.storage = torch.empty(num_pages, page_numel, dtype=dtype, device=device)
         self._free = list(range(num_pages - 1, -1, -1))
+        self._idle: OrderedDict[int, None] = OrderedDict()
+        """Free pages whose content is kept until they are needed, least recently released first."""
         self._used = {"kv": 0, "adapter": 0}
+        self.on_reuse: Callable[[int], None] | None = None
+        """Called with an idle page's id when it is handed out for something else."""
 
     @property
     def page_bytes(self) -> int:
@@ -38,7 +50,12 @@ class PagePool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages that can be allocated now, idle ones (content kept) included."""
+        return len(self._free) + len(self._idle)
+
+    @property
+    def num_idle(self) -> int:
+        return len(self._idle)
 
     def used(self, kind: str) -> int:
         """Pages currently held for ``kind`` (``"kv"`` or ``"adapter"``)."""
@@ -46,17 +63,31 @@ class PagePool:
 
     def allocate(self, n: int, kind: str) -> list[int]:
         """``n`` page ids for ``kind``; raises ``PoolExhausted`` rather than over-committing."""
-        if n > len(self._free):
-            raise PoolExhausted(f"asked for {n} pages, {len(self._free)} of {self.num_pages} are free")
-        pages = [self._free.pop() for _ in range(n)]
+        if n > self.num_free:
+            raise PoolExhausted(f"asked for {n} pages, {self.num_free} of {self.num_pages} are free")
+        pages = [self._free.pop() for _ in range(min(n, len(self._free)))]
+        while len(pages) < n:
+            page, _ = self._idle.popitem(last=False)
+            if self.on_reuse is not None:
+                self.on_reuse(page)
+            pages.append(page)
         self._used[kind] += n
-        if kind == "kv":
+        if kind == "kv" and pages:
             # Attention reads whole KV blocks and masks the slots past each sequence's end; masked
             # weights are 0, but 0 * NaN is NaN, so stale bytes (uninitialised memory, or an evicted
             # adapter's weights) must not reach it as NaN/inf. Zeroing a block costs one page write.
             self.storage[torch.tensor(pages, device=self.storage.device)] = 0
         return pages
 
-    def release(self, pages: list[int], kind: str) -> None:
-        self._free.extend(reversed(pages))
+    def release(self, pages: list[int], kind: str, keep: bool = False) -> None:
+        """Give ``pages`` back; with ``keep`` their content stays valid until they are handed out again."""
+        if keep:
+            self._idle.update(dict.fromkeys(pages))
+        else:
+            self._free.extend(reversed(pages))
         self._used[kind] -= len(pages)
+
+    def revive(self, page: int, kind: str) -> None:
+        """Take idle ``page`` back into use, content and all."""
+        del self._idle[page]
+        self._used[kind] += 1

@@ -13,7 +13,11 @@ embeddings, and every token's rotary angle comes from its three M-RoPE positions
 
 Weights are read from the loaded Hugging Face module. Projections are called as modules
 (``proj(x)`` computes ``x @ W.T + b``), so a quantized linear (``loraforge.quant.QuantLinear``) works
-wherever an ``nn.Linear`` does.
+wherever an ``nn.Linear`` does. With ``fuse=True``, where q/k/v (and gate/up) are plain ``nn.Linear``
+modules, their weights are moved into one buffer per layer, the modules keeping views into it (no
+extra memory), and each group runs as one GEMM (``FusedLinear``); each projection's LoRA update is
+then added to its slice of the fused output. Off by default: on the CPU it measured 2-5% slower per
+decode step (``benchmarks/serve_slora.py``, BENCHMARKS.md); a GPU may differ.
 """
 
 from __future__ import annotations
@@ -64,6 +68,41 @@ class StepBatch:
     """``(3, T)`` M-RoPE positions when some sequence has images; else ``positions`` serve all three axes."""
     images: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     """``(start, end, pixel_values, image_grid_thw)`` of each prefill token range that holds images."""
+    extends: list[tuple[int, int, int, torch.Tensor]] = field(default_factory=list)
+    """``(start, end, num_cached, block_table)`` of each prefill chunk that follows ``num_cached`` tokens
+    already in the cache (a prefix-cache hit, or the earlier chunks of a chunked prefill): it attends
+    to those and to itself. ``block_table`` ``(blocks,)`` covers its tokens up to ``end``."""
+
+
+@dataclass(frozen=True)
+class FusedLinear:
+    """Several ``nn.Linear`` of one input run as one: ``weight`` ``(sum(sizes), in)`` holds theirs, stacked."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def of(cls, modules: list[nn.Module]) -> FusedLinear | None:
+        """Fuse ``modules`` in place (their weights and biases become views of the stacked ones), or None
+        when they aren't all plain ``nn.Linear`` of one dtype and device, with biases on all or none."""
+        if not all(type(m) is nn.Linear for m in modules):
+            return None
+        weights, biases = [m.weight for m in modules], [m.bias for m in modules]
+        if len({(w.dtype, w.device) for w in weights}) != 1 or len({b is None for b in biases}) != 1:
+            return None
+        with torch.no_grad():
+            weight = torch.cat([w.detach() for w in weights])
+            bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        sizes = tuple(m.out_features for m in modules)
+        for m, w, b in zip(modules, weight.split(sizes), bias.split(sizes) if bias is not None else [None] * len(modules)):
+            m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
+            if b is not None:
+                m.bias = nn.Parameter(b, requires_grad=m.bias.requires_grad)
+        return cls(weight, bias, sizes)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 class UnsupportedModelError(ValueError):
@@ -77,7 +116,7 @@ class ModelRunner:
     with sequence length (``dynamic``, ``longrope``).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fuse: bool = False):
         self.vision_model = model if is_vision_language(model) else None
         if self.vision_model is not None:
             prefix = vision_layout(model).language
@@ -114,6 +153,10 @@ class ModelRunner:
         self.lm_head = model.lm_head
         self.layers = list(inner.layers)
         self.windows = [_sliding_window(config, i) for i in range(self.num_layers)]
+        self.fused_qkv = [FusedLinear.of([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+                          if fuse else None for layer in self.layers]
+        self.fused_gate_up = [FusedLinear.of([layer.mlp.gate_proj, layer.mlp.up_proj]) if fuse else None
+                              for layer in self.layers]
         self.targets = {
             f"{prefix}.layers.{i}.{part}.{proj}": TargetModule(i, proj, module.in_features, module.out_features)
             for i, layer in enumerate(self.layers)
@@ -143,25 +186,33 @@ class ModelRunner:
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = _rms_norm(h, layer.input_layernorm)
-            q = self._proj(attn.q_proj, x, batch, i, "q_proj").view(-1, self.num_heads, self.head_dim)
-            k = self._proj(attn.k_proj, x, batch, i, "k_proj").view(-1, self.num_kv_heads, self.head_dim)
-            v = self._proj(attn.v_proj, x, batch, i, "v_proj").view(-1, self.num_kv_heads, self.head_dim)
+            q, k, v = self._projs(self.fused_qkv[i], (attn.q_proj, attn.k_proj, attn.v_proj), x, batch, i, ATTENTION_PROJS)
+            q = q.view(-1, self.num_heads, self.head_dim)
+            k, v = (t.view(-1, self.num_kv_heads, self.head_dim) for t in (k, v))
             q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
             kv.write(i, k, v, batch.slot_pages, batch.slot_offsets)
             window = self.windows[i]
             if window not in decode_masks and batch.decode_rows.numel():
                 decode_masks[window] = _decode_mask(batch.decode_lens, batch.decode_tables.shape[1] * kv.block_size, window)
             o = self._attention(i, q, k, v, batch, kv, decode_masks.get(window))
-            h = h + self._proj(attn.o_proj, o.view(-1, self.num_heads * self.head_dim), batch, i, "o_proj")
+            h = h + self._proj(attn.o_proj, o.reshape(-1, self.num_heads * self.head_dim), batch, i, "o_proj")
             x = _rms_norm(h, layer.post_attention_layernorm)
-            gate = self._proj(mlp.gate_proj, x, batch, i, "gate_proj")
-            up = self._proj(mlp.up_proj, x, batch, i, "up_proj")
+            gate, up = self._projs(self.fused_gate_up[i], (mlp.gate_proj, mlp.up_proj), x, batch, i, MLP_PROJS)
             h = h + self._proj(mlp.down_proj, mlp.act_fn(gate) * up, batch, i, "down_proj")
         last = _rms_norm(h.index_select(0, batch.logit_rows), self.norm)
         return self.lm_head(last).float()
 
     def _proj(self, module: nn.Module, x: torch.Tensor, batch: StepBatch, layer: int, proj: str) -> torch.Tensor:
-        y = module(x)
+        return self._add_lora(module(x), module, x, batch, layer, proj)
+
+    def _projs(self, fused: FusedLinear | None, modules, x, batch: StepBatch, layer: int, names) -> tuple[torch.Tensor, ...]:
+        """The outputs of ``modules`` (all of one input ``x``), by one fused GEMM when ``fused`` is given."""
+        if fused is None:
+            return tuple(self._proj(module, x, batch, layer, name) for module, name in zip(modules, names))
+        return tuple(self._add_lora(y, module, x, batch, layer, name) for y, module, name in zip(fused(x), modules, names))
+
+    def _add_lora(self, y: torch.Tensor, module: nn.Module, x: torch.Tensor, batch: StepBatch, layer: int, proj: str) -> torch.Tensor:
+        """Add the step's adapters' updates on ``proj`` to its output ``y`` (in place; ``y`` may be a view)."""
         if batch.segments is not None:
             weights = [adapter.views.get((layer, proj)) for adapter in batch.adapters]
             if any(w is not None for w in weights):
@@ -191,6 +242,10 @@ class ModelRunner:
 
     def _attention(self, layer, q, k, v, batch: StepBatch, kv: PagedKVCache, decode_mask) -> torch.Tensor:
         """Attention output ``(T, heads, head_dim)`` for q ``(T, heads, hd)`` and this step's k, v ``(T, kv_heads, hd)``."""
+        if len(batch.decode_rows) == len(q):  # decodes only (most steps): no scatter into a shared output
+            keys, values = kv.gather(layer, batch.decode_tables)
+            o = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=decode_mask, enable_gqa=True)
+            return o[:, :, 0]
         out = torch.empty_like(q)
         window = self.windows[layer]
         for start, end in batch.prefills:
@@ -202,6 +257,15 @@ class ModelRunner:
                 pos = torch.arange(n, device=q.device)
                 mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
                 o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=True)
+            out[start:end] = o[0].transpose(0, 1)
+        for start, end, cached, table in batch.extends:
+            keys, values = kv.gather(layer, table[None])  # (1, kv_heads, blocks * block_size, hd): this step's K/V included
+            total = cached + end - start
+            qpos = torch.arange(cached, total, device=q.device)[:, None]
+            kpos = torch.arange(total, device=q.device)[None, :]
+            mask = kpos <= qpos if window is None else (kpos <= qpos) & (kpos > qpos - window)
+            qi = q[start:end].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(qi, keys[:, :, :total], values[:, :, :total], attn_mask=mask, enable_gqa=True)
             out[start:end] = o[0].transpose(0, 1)
         if batch.decode_rows.numel():
             keys, values = kv.gather(layer, batch.decode_tables)  # (D, kv_heads, L, hd)

@@ -11,6 +11,18 @@ A checkpoint folder ``checkpoints/checkpoint-<step>/`` holds:
 - ``training_hook.safetensors``: the tensor entries of the hook's state (AdaLoRA: the importance EMAs
   and the kept-triplet masks), only when the method has a hook.
 
+A run on several processes (``train.distributed: ddp | fsdp``) writes a sharded checkpoint instead of
+``optimizer.safetensors``: ``sharded/``, written by every rank at once through
+``torch.distributed.checkpoint`` (DCP) with its safetensors storage (``HuggingFaceStorageWriter``,
+``save_distributed``): one ``shard-<rank>-model-00001-of-00001.safetensors`` per rank holding that rank's
+pieces of the adapter weights (``adapter.<parameter>``) and of the optimizer state
+(``optimizer.<parameter>.<name>``), their offsets in the file's JSON header. DCP's ``HuggingFaceStorageReader``
+rebuilds its metadata from those headers alone and reads each rank's slices, so a checkpoint written by
+N processes resumes on M (one included, without a process group). DCP's default ``FileSystemWriter`` is
+not used: its ``.metadata`` file is a pickle, and loraforge never unpickles a file. Rank 0 also writes
+the whole adapter in PEFT's format beside it (for tools, and to check the adapter settings on resume),
+``rng.safetensors`` (its own generators) and ``trainer_state.json``.
+
 The data order is a function of (seed, epoch), so the step alone says where to continue. A checkpoint
 is built in a staging folder and renamed into place (``loraforge.utils.atomic``), so a crash never
 leaves a half checkpoint behind; older checkpoints are deleted only once the new one is in place.
@@ -22,6 +34,8 @@ import json
 import os
 import random
 import shutil
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -49,6 +63,7 @@ OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
 TRAINER_STATE = "trainer_state.json"
 HOOK = "training_hook.safetensors"
+SHARDED = "sharded"
 
 
 class CheckpointError(ValueError):
@@ -136,6 +151,10 @@ def load_checkpoint(path: Path, model: nn.Module, spec: AdapterSpec, adapter_nam
     adapter_config, adapter_tensors = read_adapter_dir(path)
     _check_same_adapter(path, adapter_config, spec, model, adapter_name)
     saved = _read_trainer_state(path / TRAINER_STATE)
+    if (path / SHARDED).is_dir():
+        rng = _read_tensors(path / RNG)
+        _load_sharded(path / SHARDED, model, optimizer, saved["optimizer"])
+        return _restore_loop_state(saved, scheduler, rng)
     optimizer_tensors = _read_tensors(path / OPTIMIZER)
     rng = _read_tensors(path / RNG)
     if hook is not None:
@@ -149,11 +168,112 @@ def load_checkpoint(path: Path, model: nn.Module, spec: AdapterSpec, adapter_nam
             raise CheckpointError(f"can't resume from {path}: {err}") from None
     load_adapter_weights(model, adapter_name, adapter_tensors, path)
     optimizer.load_state_dict(_join_optimizer_state(optimizer_tensors, saved["optimizer"]))
+    return _restore_loop_state(saved, scheduler, rng)
+
+
+def _restore_loop_state(saved: dict, scheduler, rng: dict[str, torch.Tensor]) -> TrainState:
     scheduler.load_state_dict(saved["scheduler"])
     _set_torch_rng_state(rng)
     random.setstate(_tuples(saved["python_rng"]))
     np.random.set_state(tuple(np.array(v, dtype=np.uint32) if i == 1 else v for i, v in enumerate(saved["numpy_rng"])))
     return TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"])
+
+
+def save_sharded_checkpoint(world, run_dir: Path, model: nn.Module, spec: AdapterSpec, adapter_name: str,
+                            base_model: str, optimizer: torch.optim.Optimizer, scheduler, state: TrainState,
+                            keep: int | None) -> Path:
+    """``save_checkpoint`` for a run on several processes (``world``: ``train.distributed.World``); every
+    rank must call it. Rank 0 stages the folder, every rank writes its shard into it through DCP, and
+    rank 0 renames it into place once all have written, so a rank lost mid-save leaves the previous
+    checkpoint as the latest."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    root = run_dir / CHECKPOINTS
+    final = root / f"{PREFIX}{state.step}"
+    tensors, plain = _sharded_state(model, optimizer)
+    trainer_state = {"step": state.step, "tokens_seen": state.tokens_seen, "optimizer": plain,
+                     "scheduler": scheduler.state_dict(), "python_rng": _jsonable(random.getstate()),
+                     "numpy_rng": _jsonable(np.random.get_state()), "training_hook": None,
+                     "world_size": world.size, "distributed": world.strategy}
+    with atomic_dir(final) if world.is_main else nullcontext() as staging:
+        if world.is_main:
+            (staging / SHARDED).mkdir()
+        staging = Path(world.broadcast_text(str(staging) if world.is_main else None))
+        with _one_process_is_fine():
+            dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(staging / SHARDED), save_distributed=True))
+        with world.whole_adapter(model):
+            if world.is_main:
+                write_adapter_files(model, staging, spec, adapter_name, base_model)
+        if world.is_main:
+            save_file(_torch_rng_state(), staging / RNG)
+            (staging / TRAINER_STATE).write_text(json.dumps(trainer_state))
+    if world.is_main:
+        _prune(root, keep, final)
+    world.barrier()
+    return final
+
+
+@contextmanager
+def _one_process_is_fine():
+    """Silence DCP's warning that it runs without a process group: a one-process resume is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors DCP saves or loads in place (the trainable parameters, as DTensor shards under FSDP2,
+    and the optimizer state by parameter name), and the optimizer's non-tensor state for the JSON.
+    ``get_optimizer_state_dict`` gives a fresh optimizer zero state to load into."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    tensors = {f"adapter.{name}": p for name, p in model.named_parameters() if p.requires_grad}
+    optim = get_optimizer_state_dict(model, optimizer)
+    plain: dict = {}
+    for name, entries in optim["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{name}.{key}"] = value
+            else:
+                plain.setdefault(name, {})[key] = value
+    return tensors, {"param_groups": optim["param_groups"], "state": plain}
+
+
+def _load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, plain: dict) -> None:
+    """Read this rank's slices of a sharded checkpoint into ``model`` and ``optimizer`` (any world size).
+
+    Raises:
+        CheckpointError: the folder lacks a tensor this run has, or holds one of another shape.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    tensors, _ = _sharded_state(model, optimizer)
+    reader = HuggingFaceStorageReader(str(folder))
+    try:
+        saved = reader.read_metadata().state_dict_metadata
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{folder}: not a readable sharded checkpoint ({err}). {_EARLIER}") from None
+    missing = sorted(set(tensors) - set(saved))
+    wrong = [f"{key} is {list(saved[key].size)} in the checkpoint, {list(t.shape)} in this run"
+             for key, t in tensors.items() if key in saved and list(saved[key].size) != list(t.shape)]
+    if missing or wrong:
+        raise CheckpointError(f"{folder}: does not fit this run: " + "; ".join(
+            ([f"missing {', '.join(missing[:5])}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")]
+             if missing else []) + wrong) + f". {_EARLIER}")
+    with _one_process_is_fine():
+        dcp.load(tensors, storage_reader=reader)
+    state: dict[str, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            name, _, entry = key[len("optimizer."):].rpartition(".")
+            state.setdefault(name, {})[entry] = value
+    for name, entries in plain["state"].items():
+        state.setdefault(name, {}).update(entries)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in plain["param_groups"]]
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups})
 
 
 def _check_same_adapter(path: Path, saved: dict, spec: AdapterSpec, model: nn.Module, name: str) -> None:

@@ -4,8 +4,8 @@ Scores that compare models (exact match, BLEU, multiple choice, ...) live in ``l
 from __future__ import annotations
 
 import math
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -18,19 +18,32 @@ from loraforge.train.loss import summed_token_loss
 
 @torch.no_grad()
 def eval_loss(model: nn.Module, samples: Sequence[Sample], batch_size: int, pad_id: int, device,
-              batch_of=None) -> dict:
+              batch_of=None, loss_of=None, world=None) -> dict:
     """Mean token loss and perplexity. ``batch_of`` turns a list of samples into a batch (a vision-language
-    model's needs pixels: ``data.collate.batch_builder``); None pads text samples with ``pad_id``."""
+    model's needs pixels: ``data.collate.batch_builder``); None pads text samples with ``pad_id``.
+
+    ``loss_of``: ``batch -> (summed loss, count)``, how the model runs (``train.distributed.World.wrap``'s
+    module); None: ``summed_token_loss`` on ``model``. ``world`` (``train.distributed.World``): every rank
+    calls this, evaluates every ``world.size``-th batch, and gets the sums over all ranks; ranks short of
+    a batch run the first one again at weight 0, as FSDP needs every rank in every forward.
+    """
     batch_of = batch_of or partial(collate, pad_id=pad_id)
+    loss_of = loss_of or partial(summed_token_loss, model)
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        batch = batch_of([samples[i] for i in order[start : start + batch_size]])
-        loss, n = summed_token_loss(model, {k: v.to(device) for k, v in batch.items()})
-        total, count = total + loss.item(), count + n
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    mine = chunks[rank::size]
+    for k in range(math.ceil(len(chunks) / size)):
+        chunk, weight = (mine[k], 1) if k < len(mine) else (chunks[0], 0)
+        batch = batch_of([samples[i] for i in chunk])
+        loss, n = loss_of({key: v.to(device) for key, v in batch.items()})
+        total, count = total + weight * loss.item(), count + weight * n
     model.train(was_training)
+    if world is not None:
+        total, count = world.sum(total, count)
     mean = total / max(count, 1)
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50))}
 

@@ -15,10 +15,19 @@ hand except:
 - gradient checkpointing: the layer inputs, plus one layer's activations while it is recomputed;
 - bf16 autocast (``train.precision: bf16``): activations counted in bf16 (autocast keeps a few
   reductions in fp32, so this is slightly low);
-- ``allocator`` (CPU only): glibc's heap slack, ``CPU_HEAP_SLACK`` of the batch-sized terms;
 - ``runtime``: on CPU the resident memory of a fresh Python that has imported the training stack
   (measured once per process, in a subprocess); on CUDA zero, as in ``torch.cuda.max_memory_allocated``
-  (what a run reports), which leaves out the CUDA context (a few hundred MiB; ``HEADROOM`` covers it).
+  (what a run reports), which leaves out the CUDA context (a few hundred MiB; ``HEADROOM`` covers it);
+- ``allocator`` (CPU, ``train.cpu_allocator: fast`` only): glibc's heap slack, ``CPU_HEAP_SLACK`` of the
+  batch-sized terms.
+
+On CPU, ``train.cpu_allocator: compact`` fixes glibc's mmap threshold (``utils.memory.return_large_blocks_on_free``),
+so every activation-sized block is unmapped when freed and the peak RSS is the live tensors counted here. With
+glibc's default, rising threshold (``fast``), the forward pass's freed temporaries stay resident as heap gaps
+whose size depends on the allocation order, not on any size the config gives: +1.0 GiB on the default model at
+batch 4x256, almost none on a 1B Llama. ``CPU_HEAP_SLACK`` is fitted to the first, so for ``fast`` the estimate
+is an upper bound (+20% on the 1B Llama, ``benchmarks/memory_estimate.py``). CUDA's caching allocator is
+measured as allocated, without slack.
 
 Not covered: vision-language models (``EstimateError``); ``init: pissa`` is counted as kaiming (same
 shapes); a method that needs a quantized base (QA-LoRA) has its activations counted as LoRA's (more).
@@ -34,6 +43,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,12 +57,9 @@ OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "paged_adamw": 8, "adamw_8bit": 2}
 """Optimizer state per trainable parameter: two fp32 moments, or two 8-bit moments (block constants aside)."""
 
 CPU_HEAP_SLACK = 0.55
-"""On CPU, the resident memory that glibc's heap keeps beyond the live tensors, as a share of the
-batch-sized terms (activations and logits). Their temporaries are mostly smaller than glibc's dynamic
-mmap threshold, so they come from the heap, and freed chunks between live ones stay resident. Measured
-by ``benchmarks/memory_estimate.py``: peak RSS with glibc's defaults against the same run with
-``MALLOC_MMAP_THRESHOLD_=131072`` (every large block mmapped, so RSS follows the live tensors), which
-the estimate without this term matches. CUDA's caching allocator is measured as allocated, without it."""
+"""With ``train.cpu_allocator: fast`` on CPU, the resident memory glibc's heap keeps beyond the live tensors, as
+a share of the batch-sized terms (activations and logits): peak RSS with glibc's defaults against the same run
+with ``compact``, on the default model (``benchmarks/memory_estimate.py``); an upper bound elsewhere."""
 
 HEADROOM = 0.9
 """A run "fits" when the estimate is at most this share of the available memory (fragmentation, the
@@ -81,10 +88,12 @@ class MemoryEstimate:
     components: dict[str, int]
     tokens_per_micro_batch: int
     changes: list[Change] = field(default_factory=list)
+    loading_bytes: int = 0
+    """The peak while a quantized base is first built (``_Parts.loading_bytes``); 0 without quantization."""
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.components.values())
+        return max(sum(self.components.values()), self.loading_bytes)
 
     @property
     def fits(self) -> bool:
@@ -96,6 +105,9 @@ class MemoryEstimate:
         total, budget = _gib(self.total_bytes), _gib(HEADROOM * self.available_bytes)
         if self.fits:
             return f"fits: about {total} of the {budget} usable on {self.device}"
+        if self.loading_bytes > sum(self.components.values()):
+            return (f"won't fit: about {total} needed but {budget} usable on {self.device}, while the quantized "
+                    f"base is built (the dense weights it is quantized from)")
         largest = max(self.components, key=self.components.get)
         return (f"won't fit: about {total} needed but {budget} usable on {self.device}; the largest part is "
                 f"{largest} ({_gib(self.components[largest])})")
@@ -105,6 +117,9 @@ class MemoryEstimate:
         lines = [f"memory estimate on {self.device} ({self.tokens_per_micro_batch} tokens per micro-batch):"]
         for name in COMPONENTS:
             lines.append(f"  {name:<12}{_gib(self.components[name]):>12}")
+        if self.loading_bytes:
+            lines.append(f"  {'(loading)':<12}{_gib(self.loading_bytes):>12}  peak while the quantized base is "
+                         f"first built; later runs read it from the cache")
         lines.append(f"  {'total':<12}{_gib(self.total_bytes):>12}")
         lines.append(self.verdict)
         if not self.fits:
@@ -128,7 +143,7 @@ def estimate_memory(config: Config, device: torch.device | str | None = None) ->
     parts = _Parts.of(config, device)
     components = parts.components(config)
     estimate = MemoryEstimate(str(device), _available_bytes(device), components,
-                              config.train.batch_size * config.data.cutoff_len)
+                              config.train.batch_size * config.data.cutoff_len, loading_bytes=parts.loading_bytes)
     if estimate.fits:
         return estimate
     return dataclasses.replace(estimate, changes=_changes(config, parts, device))
@@ -149,6 +164,14 @@ class _Parts:
     logit_bytes_per_token: int
     runtime_bytes: int
     cpu: bool
+    loading_bytes: int
+    """With a quantized base (not ``gguf``) built for the first time: the runtime, the quantized weights and
+    what the loader holds dense beside them: the largest safetensors shard of a folder it streams
+    (``models.streaming_load``; the shard's mapped pages stay resident until it is closed), else the whole
+    dense model (a GGUF or in-process source is dequantized first). 0 without such a quantization."""
+
+    def total(self, config: Config) -> int:
+        return max(sum(self.components(config).values()), self.loading_bytes)
 
     @classmethod
     def of(cls, config: Config, device: torch.device) -> _Parts:
@@ -165,6 +188,9 @@ class _Parts:
         # run the dequantization's table lookups: count activations on the dense build
         dense = model if config.model.quantization is None else _meta_model(config, quantized=False)
         activations, logits = _saved_bytes(dense, tokens, act_dtype)
+        loading = 0
+        if config.model.quantization is not None and config.model.quantization.type != "gguf":
+            loading = runtime_bytes(device) + weights + _dense_held_while_quantizing(config.model.source, dense)
         hidden = model.config.hidden_size * torch.empty((), dtype=act_dtype).element_size()
         return cls(weight_bytes=weights,
                    adapter_bytes=sum(p.numel() * p.element_size() for p in trainable),
@@ -174,7 +200,8 @@ class _Parts:
                    layers=model.config.num_hidden_layers,
                    logit_bytes_per_token=logits // tokens,
                    runtime_bytes=runtime_bytes(device),
-                   cpu=device.type == "cpu")
+                   cpu=device.type == "cpu",
+                   loading_bytes=loading)
 
     def components(self, config: Config) -> dict[str, int]:
         tokens = config.train.batch_size * config.data.cutoff_len
@@ -193,7 +220,8 @@ class _Parts:
             "optimizer": self.trainable * OPTIMIZER_BYTES_PER_PARAM[config.train.optim],
             "activations": int(activations),
             "logits": int(logits),
-            "allocator": int(CPU_HEAP_SLACK * (activations + logits)) if self.cpu else 0,
+            "allocator": int(CPU_HEAP_SLACK * (activations + logits))
+            if self.cpu and config.train.cpu_allocator == "fast" else 0,
         }
 
 
@@ -203,6 +231,8 @@ def _changes(config: Config, parts: _Parts, device: torch.device) -> list[Change
     candidates: list[tuple[tuple[str, ...], str]] = []
     if not train.gradient_checkpointing:
         candidates.append((("train.gradient_checkpointing=true",), "recompute activations in backward"))
+    if parts.cpu and train.cpu_allocator == "fast":
+        candidates.append((("train.cpu_allocator=compact",), "return freed activation memory to the OS (slower steps)"))
     if train.batch_size > 1:
         half = train.batch_size // 2
         candidates.append(((f"train.batch_size={half}", f"train.grad_accum={train.grad_accum * 2}"),
@@ -212,12 +242,12 @@ def _changes(config: Config, parts: _Parts, device: torch.device) -> list[Change
     changes = []
     for overrides, why in candidates:
         changed = _with_overrides(config, overrides)
-        changes.append(Change(overrides, why, sum(parts.components(changed).values())))
+        changes.append(Change(overrides, why, parts.total(changed)))
     if config.model.quantization is None and not config.adapter.init.startswith("pissa"):
         overrides = ("model.quantization={type: nf4}",)
         changed = _with_overrides(config, overrides)
         changes.append(Change(overrides, "QLoRA: the frozen base in 4-bit NF4",
-                              sum(_Parts.of(changed, device).components(changed).values())))
+                              _Parts.of(changed, device).total(changed)))
     return sorted(changes, key=lambda c: c.total_bytes)
 
 
@@ -233,6 +263,15 @@ def _dtype_of(config: Config) -> torch.dtype:
     from loraforge.models.sources import DTYPES
 
     return DTYPES[config.model.dtype]
+
+
+def _dense_held_while_quantizing(source: str, dense: nn.Module) -> int:
+    """Bytes a first quantized load holds dense: a streamed folder's largest shard, else the dense model."""
+    shards = list(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
+    if shards:
+        return max(shard.stat().st_size for shard in shards)
+    tensors = {id(t): t for t in (*dense.parameters(), *dense.buffers())}.values()
+    return sum(t.numel() * t.element_size() for t in tensors if not t.requires_grad)
 
 
 def _meta_model(config: Config, quantized: bool) -> nn.Module:

@@ -12,6 +12,10 @@ every optimizer step's loss, but is not part of the logged ``loss`` (logged as `
 of ``eval_loss``, which stay the task's cross-entropy, comparable across methods. Its state is saved in
 every checkpoint, and its ``finish()`` runs once, after the last step and before the final adapter save.
 With LoRA+ (``train.loraplus_lr_ratio``) the logged ``lr`` is the base rate (A's); B's is that times the ratio.
+
+Under torchrun (``train.distributed: ddp | fsdp``, see ``distributed.py``) every rank runs this recipe on
+its share of each micro-batch; rank 0 alone checks and writes the run folder, logs and writes the adapter,
+while evaluation is split over the ranks and summed. Checkpoints are sharded (``checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -41,18 +45,27 @@ from loraforge.data.collate import batches, collate
 from loraforge.data.vision import build_vision_datasets, check_vision_data_options, collate_vision
 from loraforge.models.kind import is_vision_language
 from loraforge.models.prepare import load_base
-from loraforge.train.checkpoint import CheckpointError, TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+from loraforge.train.checkpoint import (
+    CheckpointError,
+    TrainState,
+    find_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
+from loraforge.train.distributed import DistributedError, World, init_world, is_lost_peer, total_grad_norm
 from loraforge.train.evaluate import eval_loss
-from loraforge.train.loss import summed_token_loss
 from loraforge.train.optim import build_optimizer, parameter_groups
 from loraforge.train.runlog import RunLog, peak_memory_bytes, plot_loss_curve
 from loraforge.train.schedule import lr_multiplier, warmup_steps
-from loraforge.utils.memory import release_free_memory
+from loraforge.utils.memory import release_free_memory, return_large_blocks_on_free
 
 CONFIG_FILE = "config.yaml"
 RUN_KEYS_FREE_TO_CHANGE = {("train", "resume_from_checkpoint"), ("output", "overwrite_output_dir"),
                            ("train", "max_steps"), ("train", "epochs"), ("train", "save_steps"),
-                           ("train", "eval_steps"), ("train", "logging_steps"), ("train", "save_total_limit")}
+                           ("train", "eval_steps"), ("train", "logging_steps"), ("train", "save_total_limit"),
+                           ("train", "distributed_timeout"), ("train", "cpu_allocator")}
 
 
 class TrainingError(RuntimeError):
@@ -69,16 +82,53 @@ class RunResult:
 
 
 def run_training(config: Config, echo=print) -> RunResult:
-    """Fine-tune per ``config``; prints progress and results through ``echo``."""
+    """Fine-tune per ``config``; prints progress and results through ``echo`` (rank 0's only, under torchrun)."""
     if config.model.threads:
         torch.set_num_threads(config.model.threads)
+    world = init_world(config.train.distributed, config.train.distributed_timeout)
+    try:
+        with _lost_ranks_as_error(world, config):
+            return _run(config, world, echo if world.is_main else _quiet)
+    finally:
+        world.close()
+
+
+@contextmanager
+def _lost_ranks_as_error(world: World, config: Config):
+    """A collective that fails because another rank died or hung becomes one clear error on each survivor.
+
+    Raises:
+        DistributedError: naming the last complete checkpoint to resume from.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        if not world.grouped or not is_lost_peer(err):
+            raise
+        latest = latest_checkpoint(Path(config.output.dir))
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DistributedError(
+            f"rank {world.rank} of {world.size}: lost the other ranks (one died, or did not answer within "
+            f"train.distributed_timeout={config.train.distributed_timeout:g} s: {first_line}). "
+            + (f"The last complete checkpoint is {latest}; resume with train.resume_from_checkpoint=latest, on any "
+               "number of processes" if latest else "No checkpoint was written yet: start the run again")) from None
+
+
+def _quiet(*_) -> None:
+    pass
+
+
+def _run(config: Config, world: World, echo) -> RunResult:
     run_dir = Path(config.output.dir)
+    world.check_same("configs", json.dumps(config.to_dict(), sort_keys=True))
     if config.train.resume_from_checkpoint is not None:
         config = _with_options_the_run_chose(config, run_dir / CONFIG_FILE)
-    _check_run_dir(config, run_dir)
+    world.on_main(lambda: _check_run_dir(config, run_dir))
     _seed_everything(config.train.seed)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = world.device
+    if device.type == "cpu" and config.train.cpu_allocator == "compact":
+        return_large_blocks_on_free()  # RSS then follows the live tensors
     model, tokenizer, spec = prepare_model(config, device)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -86,14 +136,21 @@ def run_training(config: Config, echo=print) -> RunResult:
 
     data = _build_data(config, tokenizer, model)
     echo(str(data.report))
+    world.check_same("data", json.dumps([[len(s.input_ids) for s in part] for part in (data.train, data.eval)]))
     steps_per_epoch = math.ceil(math.ceil(len(data.train) / config.train.batch_size) / config.train.grad_accum)
     total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * steps_per_epoch))
     hook = _training_hook(model, config, total_steps)
     config = _with_options_the_hook_chose(config, hook)
     spec = config.adapter
-    resume_from = _prepare_run_dir(config, run_dir)  # only now that model, data and hook are known to work
+    # only now that model, data and hook are known to work
+    resume_from = world.on_main(lambda: _prepare_run_dir(config, run_dir))
+    resume_from = None if resume_from is None else Path(resume_from)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch_of = batch_builder(model, tokenizer, pad_id)
+    trainer = world.wrap(model)  # FSDP2 shards the parameters in place: the optimizer comes after
+    sharding = world.shard_summary(model)
+    if sharding:
+        echo(sharding)
 
     groups = parameter_groups(model, config.train.lr, config.train.weight_decay, config.train.loraplus_lr_ratio)
     optimizer = build_optimizer(config.train.optim, groups, device)
@@ -108,21 +165,26 @@ def run_training(config: Config, echo=print) -> RunResult:
     elif data.test:
         summary["test_exact_match_before"] = _test_accuracy(model, tokenizer, data.test, config, echo, None)
 
-    trainer = _Loop(config, model, optimizer, scheduler, hook, data, batch_of, device, spec, run_dir, total_steps,
-                    state)
-    interrupted = trainer.run(echo)
-    summary.update(trainer.summary())
+    loop = _Loop(config, world, model, trainer, optimizer, scheduler, hook, data, batch_of, spec, run_dir,
+                 total_steps, state)
+    interrupted = loop.run(echo)
+    summary.update(loop.summary())
     if interrupted:
         echo(f"interrupted: checkpoint saved at step {state.step}; resume with train.resume_from_checkpoint=latest")
         return RunResult(run_dir, None, state.step, interrupted=True, summary=summary)
 
     if hook is not None:
         hook.finish()
-    adapter_dir = save_adapter(model, run_dir / "adapter", spec, config.adapter.name, config.model.source)
+    adapter_dir = run_dir / "adapter"
+    with world.whole_adapter(model):
+        if world.is_main:
+            save_adapter(model, adapter_dir, spec, config.adapter.name, config.model.source)
     if data.test:
         summary["test_exact_match_after"] = _test_accuracy(model, tokenizer, data.test, config, echo,
                                                            config.adapter.name)
-    _finish(run_dir, config, summary, echo)
+    if world.is_main:
+        _finish(run_dir, config, summary, echo)
+    world.barrier()
     return RunResult(run_dir, adapter_dir, state.step, summary=summary)
 
 
@@ -309,13 +371,14 @@ def _changed_settings(config: Config, saved: Path, where: str) -> list[str]:
 
 
 class _Loop:
-    """The optimisation loop: micro-batches from a stream that is a pure function of (seed, step)."""
+    """The optimisation loop: micro-batches from a stream that is a pure function of (seed, step), each
+    split over the ranks of ``world`` (``World.share``); ``trainer`` is ``world.wrap(model)``."""
 
-    def __init__(self, config: Config, model, optimizer, scheduler, hook: TrainingHook | None, data, batch_of, device,
-                 spec, run_dir, total_steps, state: TrainState):
-        self.config, self.model, self.optimizer, self.scheduler = config, model, optimizer, scheduler
-        self.hook = hook
-        self.data, self.batch_of, self.device, self.spec = data, batch_of, device, spec
+    def __init__(self, config: Config, world: World, model, trainer, optimizer, scheduler, hook: TrainingHook | None,
+                 data, batch_of, spec, run_dir, total_steps, state: TrainState):
+        self.config, self.world, self.model, self.trainer = config, world, model, trainer
+        self.optimizer, self.scheduler, self.hook = optimizer, scheduler, hook
+        self.data, self.batch_of, self.device, self.spec = data, batch_of, world.device, spec
         self.run_dir, self.total_steps, self.state = run_dir, total_steps, state
         self.train_seconds = 0.0
         self.tokens_this_run = 0
@@ -324,7 +387,7 @@ class _Loop:
         self.last_grad_norm = float("nan")
 
     def micro_batches(self, step: int) -> list[list[int]]:
-        """The sample indices of the ``grad_accum`` micro-batches of optimizer step ``step``."""
+        """The sample indices of the ``grad_accum`` micro-batches of optimizer step ``step`` (all ranks')."""
         per_epoch = math.ceil(len(self.data.train) / self.config.train.batch_size)
         out = []
         for k in range(step * self.config.train.grad_accum, (step + 1) * self.config.train.grad_accum):
@@ -341,8 +404,9 @@ class _Loop:
     def run(self, echo) -> bool:
         """Train to ``total_steps``; returns True when stopped by Ctrl-C (after saving a checkpoint)."""
         cfg = self.config.train
-        self.model.train()
-        log = RunLog(self.run_dir, self.total_steps, self.state.step, self.config.output.tensorboard)
+        self.trainer.train()
+        log = RunLog(self.run_dir, self.total_steps, self.state.step, self.config.output.tensorboard) \
+            if self.world.is_main else None
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                     else nullcontext())
         try:
@@ -355,39 +419,49 @@ class _Loop:
                     self.state.step += 1
                     self.state.tokens_seen += tokens
                     self._after_step(log, loss, penalty, tokens)
-                    if stop_requested():
+                    if self.world.any(stop_requested()):
                         self._save()
                         return True
         finally:
-            log.close()
+            if log is not None:
+                log.close()
         return False
 
     def _step(self, autocast) -> tuple[float, float | None, int]:
-        """One optimizer step; returns (task loss, the hook's penalty or None, tokens)."""
-        cfg = self.config.train
+        """One optimizer step; returns (task loss, the hook's penalty or None, tokens), summed over the ranks.
+
+        Each rank runs its share of every micro-batch, and a rank whose share is empty runs the micro-batch's
+        first sample at weight 0, so that all take part in the gradient reduction. The loss is divided by
+        the label count of the whole step, over all ranks, and multiplied by the world size because DDP and
+        FSDP average the ranks' gradients: their sum is then the one-process gradient.
+        """
+        cfg, world = self.config.train, self.world
         indices = self.micro_batches(self.state.step)
-        micro = [self.batch_of([self.data.train[i] for i in idx]) for idx in indices]
-        label_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         tokens = sum(len(self.data.train[i].input_ids) for idx in indices for i in idx)
+        micro = [(self.batch_of([self.data.train[i] for i in (world.share(idx) or idx[:1])]),
+                  1.0 if world.share(idx) else 0.0) for idx in indices]
+        local_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b, weight in micro if weight)
+        label_count = world.sum(local_labels)[0]
         total, penalty_total = 0.0, 0.0
-        for batch in micro:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with autocast:
-                loss_sum, _ = summed_token_loss(self.model, batch)
-            loss = loss_sum / max(label_count, 1)
-            # the penalty counts once per optimizer step: a share of it on each micro-batch
-            penalty = self.hook.loss() / len(micro) if self.hook is not None else None
-            objective = loss if penalty is None else loss + penalty
-            if not torch.isfinite(objective):
-                raise TrainingError(
-                    f"loss is {objective.item()} at step {self.state.step + 1}; stopping. The last good checkpoint "
-                    f"(if any) is in {self.run_dir / 'checkpoints'}. Lower train.lr or check the data.")
-            objective.backward()
+        for k, (batch, weight) in enumerate(micro):
+            batch = {key: v.to(self.device) for key, v in batch.items()}
+            with world.gradient_sync(self.trainer, k == len(micro) - 1), autocast:
+                loss_sum, _ = self.trainer(batch)
+                loss = loss_sum * weight / max(label_count, 1)
+                # the penalty counts once per optimizer step: a share of it on each micro-batch
+                penalty = self.hook.loss() / len(micro) if self.hook is not None else None
+                objective = loss if penalty is None else loss + penalty
+                if not world.grouped and not torch.isfinite(objective):
+                    raise self._diverged(objective.item())
+                (objective * world.size).backward()
             total += loss.item()
             penalty_total += 0.0 if penalty is None else penalty.item()
+        total, = world.sum(total)
+        if not math.isfinite(total):
+            raise self._diverged(total)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # the norm before clipping is logged as grad_norm; no max_grad_norm = measure only
-        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+        self.last_grad_norm = total_grad_norm(params, cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         if self.hook is not None:
@@ -397,26 +471,38 @@ class _Loop:
             release_free_memory()  # the step's freed activations, else glibc keeps them and the peak creeps up
         return total, None if self.hook is None else penalty_total, tokens
 
-    def _after_step(self, log: RunLog, loss: float, penalty: float | None, tokens: int) -> None:
+    def _diverged(self, loss: float) -> TrainingError:
+        return TrainingError(
+            f"loss is {loss} at step {self.state.step + 1}; stopping. The last good checkpoint "
+            f"(if any) is in {self.run_dir / 'checkpoints'}. Lower train.lr or check the data.")
+
+    def _after_step(self, log: RunLog | None, loss: float, penalty: float | None, tokens: int) -> None:
         cfg, step = self.config.train, self.state.step
         self.last_loss = loss
         tokens_per_s = self.tokens_this_run / max(self.train_seconds, 1e-9)
         lr = self.scheduler.get_last_lr()[0]
-        log.progress(1, loss, lr, tokens_per_s)
-        if step % cfg.logging_steps == 0 or step == self.total_steps:
+        if log is not None:
+            log.progress(1, loss, lr, tokens_per_s)
+        if log is not None and (step % cfg.logging_steps == 0 or step == self.total_steps):
             extra = {} if penalty is None else {"penalty": penalty}
             log.log(step, {"loss": loss, **extra, "lr": lr, "grad_norm": self.last_grad_norm,
                            "tokens_per_s": tokens_per_s, "tokens_seen": self.state.tokens_seen})
         if self.data.eval and (step == self.total_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
             self.last_eval = eval_loss(self.model, self.data.eval, cfg.batch_size, None, self.device,
-                                       self.batch_of)
-            log.log(step, self.last_eval)
+                                       self.batch_of, loss_of=self.trainer, world=self.world)
+            if log is not None:
+                log.log(step, self.last_eval)
         if cfg.save_steps and step % cfg.save_steps == 0:
             self._save()
 
     def _save(self) -> None:
-        save_checkpoint(self.run_dir, self.model, self.spec, self.config.adapter.name, self.config.model.source,
-                        self.optimizer, self.scheduler, self.state, self.config.train.save_total_limit, self.hook)
+        if self.config.train.distributed == "none":
+            save_checkpoint(self.run_dir, self.model, self.spec, self.config.adapter.name, self.config.model.source,
+                            self.optimizer, self.scheduler, self.state, self.config.train.save_total_limit, self.hook)
+        else:
+            save_sharded_checkpoint(self.world, self.run_dir, self.model, self.spec, self.config.adapter.name,
+                                    self.config.model.source, self.optimizer, self.scheduler, self.state,
+                                    self.config.train.save_total_limit)
 
     def summary(self) -> dict:
         return {

@@ -40,6 +40,10 @@ def run_figure(records: list[dict], smoothing: float, log_scale: bool):
             ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
         else:
             ax.plot(steps, values, "o-" if len(steps) < 20 else "-", ms=3, color="tab:orange")
+            low, high = min(values), max(values)
+            if high - low <= 1e-3 * max(abs(low), abs(high)):  # flat (an lr over 1e5 steps): no 1e-9 ticks
+                pad = 0.05 * max(abs(low), abs(high)) or 1.0
+                ax.set_ylim(low - pad, high + pad)
             plain = ScalarFormatter(useOffset=False, useMathText=True)
             plain.set_powerlimits((-3, 4))  # 1e-4 reads as 1 with x10^-4 above the axis, never as an offset
             ax.yaxis.set_major_formatter(plain)

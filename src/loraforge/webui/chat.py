@@ -1,5 +1,7 @@
 """Side-by-side chat: one serving ``Engine`` holds the base and up to two adapters, and one prompt goes to
-each of them in the same batch (the engine mixes adapters per row); their replies stream together."""
+each of them in the same batch (the engine mixes adapters per row); their replies stream together. The
+base is built from a ``model`` config section through ``models.prepare.load_base``, as training built it
+(a QLoRA run's base quantized as it was trained)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from loraforge.config import ModelConfig
 from loraforge.data.tokenize import prompt_ids
-from loraforge.models import load_model
+from loraforge.models import resolve_device
+from loraforge.models.prepare import load_base
 from loraforge.serve.engine import Engine, Request
 from loraforge.serve.sampling import SamplingParams
 
@@ -26,25 +30,26 @@ class ChatSessions:
         self._tokenizer = None
         self._lock = threading.Lock()
 
-    def _engine_for(self, source: str, adapters: dict[str, Path]) -> tuple[Engine, object]:
-        key = (source, tuple(sorted((name, str(path)) for name, path in adapters.items())))
+    def _engine_for(self, base: ModelConfig, adapters: dict[str, Path]) -> tuple[Engine, object]:
+        key = (repr(base), tuple(sorted((name, str(path)) for name, path in adapters.items())))
         if key != self._key:
             if self._engine is not None:
                 self._engine.shutdown()
                 self._engine = None
-            model, tokenizer = load_model(source)
-            self._engine = Engine(model, tokenizer, adapters=adapters, pool_bytes=self.pool_bytes)
+            device = resolve_device(None)
+            model, tokenizer = load_base(base, device)
+            self._engine = Engine(model, tokenizer, device=device, adapters=adapters, pool_bytes=self.pool_bytes)
             self._engine.start()
             self._key, self._tokenizer = key, tokenizer
         return self._engine, self._tokenizer
 
-    def replies(self, source: str, adapters: dict[str, Path], prompt: str, max_tokens: int,
+    def replies(self, base: ModelConfig, adapters: dict[str, Path], prompt: str, max_tokens: int,
                 interval: float = 0.2) -> Iterator[dict[str, str]]:
         """Yield ``{name: text so far}`` for the base (``BASE``) and each adapter until all have finished.
 
         Raises the engine's errors (``UnknownAdapterError``, ``AdapterFormatError``, ``ModelSourceError``)."""
         with self._lock:
-            engine, tokenizer = self._engine_for(source, adapters)
+            engine, tokenizer = self._engine_for(base, adapters)
         ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}], "auto")
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
         texts = {name: "" for name in (BASE, *adapters)}

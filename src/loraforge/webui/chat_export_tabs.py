@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from loraforge.adapters.peft_format import AdapterFormatError
+from loraforge.config import Config, ModelConfig
 from loraforge.export import FORMATS, GGUF_TYPES
 from loraforge.export.merge import DTYPES
 from loraforge.models.sources import ModelSourceError
@@ -31,7 +32,8 @@ class ChatTab:
         with gr.Row():
             self.first = gr.Dropdown([NONE], value=NONE, label="Adapter 1 (a finished run)", elem_id="chat-a1")
             self.second = gr.Dropdown([NONE], value=NONE, label="Adapter 2", elem_id="chat-a2")
-            base = gr.Textbox("default", label="Base model (the adapters' base)", elem_id="chat-base")
+            base = gr.Textbox("default", label="Base model", elem_id="chat-base",
+                              info="alone: this source, dense; with adapters: their base, as the run trained it")
             max_tokens = gr.Number(48, label="Max new tokens", precision=0)
         error = gr.Markdown(visible=False, elem_id="error-chat", elem_classes=["field-error"])
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="chat-prompt")
@@ -39,36 +41,56 @@ class ChatTab:
         with gr.Row():
             outputs = [gr.Textbox(label=label, lines=8, interactive=False, elem_id=f"chat-out-{i}")
                        for i, label in enumerate(("base", "adapter 1", "adapter 2"))]
-        self.first.change(self._base_of, self.first, base)
+        for dropdown in (self.first, self.second):
+            dropdown.change(self._base_of, [self.first, self.second, base], base)
         send.click(self._send, [base, self.first, self.second, prompt, max_tokens], [*outputs, error])
 
-    def _base_of(self, run: str):
-        if run == NONE:
-            return gr.update()
-        return run_info(self.runs_root / run).config().get("model", {}).get("source", "default")
+    def _runs(self, first: str | None, second: str | None) -> list[str]:
+        return list(dict.fromkeys(run for run in (first, second) if run and run != NONE))
+
+    def _model_config(self, run: str) -> ModelConfig:
+        return Config.from_dict(run_info(self.runs_root / run).config(), check_files=False).model
+
+    def _base_of(self, first: str | None, second: str | None, current: str):
+        runs = self._runs(first, second)
+        return self._model_config(runs[0]).source if runs else current
 
     def _send(self, base: str, first: str, second: str, prompt: str, max_tokens: int):
-        adapters = {}
-        for run in (first, second):
-            if run and run != NONE and run not in adapters:
-                info = run_info(self.runs_root / run)
-                if info.adapter_dir is None:
-                    yield "", "", "", gr.update(value=f"⚠ run {run!r} has no trained adapter yet", visible=True)
-                    return
-                adapters[run] = info.adapter_dir
-        if not prompt.strip():
-            yield "", "", "", gr.update(value="⚠ write a prompt first", visible=True)
+        def fail(message: str):
+            return "", "", "", gr.update(value=f"⚠ {message}", visible=True)
+
+        runs = self._runs(first, second)
+        adapters, bases = {}, {}
+        for run in runs:
+            info = run_info(self.runs_root / run)
+            if info.adapter_dir is None:
+                yield fail(f"run {run!r} has no trained adapter yet")
+                return
+            adapters[run], bases[run] = info.adapter_dir, self._model_config(run)
+        if len({repr(b) for b in bases.values()}) > 1:
+            yield fail("the two runs were trained on different bases ("
+                       + "; ".join(f"{run}: {_describe(b)}" for run, b in bases.items()) + "); pick runs of one base")
             return
-        names = list(adapters)
-        source = base.strip() or "default"
-        labels = [f"base ({source})", *names, "", ""][:3]
+        if not prompt.strip():
+            yield fail("write a prompt first")
+            return
+        model = next(iter(bases.values())) if bases else ModelConfig(source=base.strip() or "default")
+        labels = [f"base ({_describe(model)})", *runs, "", ""][:3]
         try:
-            for texts in self.sessions.replies(source, adapters, prompt, int(max_tokens)):
-                columns = [texts[BASE], *(texts[n] for n in names), "", ""][:3]
+            for texts in self.sessions.replies(model, adapters, prompt, int(max_tokens)):
+                columns = [texts[BASE], *(texts[n] for n in runs), "", ""][:3]
                 yield (*(gr.update(value=text, label=label or "(no adapter)") for text, label in zip(columns, labels)),
                        gr.update(value="", visible=False))
         except (ModelSourceError, AdapterFormatError, ValueError) as err:
-            yield "", "", "", gr.update(value=f"⚠ {err}", visible=True)
+            yield fail(str(err))
+
+
+def _describe(model: ModelConfig) -> str:
+    """``source``, with the quantization the run trained on (``tiny-llama, nf4 4-bit``)."""
+    quant = model.quantization
+    if quant is None:
+        return model.source
+    return f"{model.source}, {'its GGUF blocks' if quant.type == 'gguf' else f'{quant.type} {quant.bits}-bit'}"
 
 
 class ExportTab:

@@ -85,7 +85,7 @@ class TrainTab:
             with gr.Column(scale=1):
                 gr.Markdown("### Data")
                 upload = gr.File(label="Upload a dataset (json, jsonl, csv, parquet)", file_count="single",
-                                 type="filepath", height=130, elem_id="data-upload")
+                                 type="filepath", height=170, elem_id="data-upload")
                 data_path = gr.Textbox(label="…or a path on the server", value=v.data_path, elem_id="data-path")
                 with gr.Row():
                     data_format = gr.Dropdown(choices(DataConfig, "format"), value=v.data_format, label="Format",
@@ -123,15 +123,16 @@ class TrainTab:
                                   elem_classes=["mono"])
         with gr.Accordion("YAML and CLI", open=False), gr.Row():
             with gr.Column():
+                # no line numbers: CodeMirror draws the gutter for the lines in the browser's viewport only
                 yaml_preview = gr.Code(language="yaml", label="Equivalent YAML", interactive=False,
-                                       elem_id="yaml-preview")
+                                       show_line_numbers=False, elem_id="yaml-preview")
             with gr.Column():
                 command = gr.Textbox(label="Equivalent commands", lines=3, interactive=False, elem_id="cli-preview")
                 save_path = gr.Textbox(label="Save YAML to", value=str(self.runs_root / "config.yaml"),
                                        elem_id="save-path")
                 save_button = gr.Button("Save YAML", elem_id="save-yaml")
                 load_file = gr.File(label="Load a YAML config", type="filepath", file_types=[".yaml", ".yml"],
-                                    height=130, elem_id="load-yaml")
+                                    height=170, elem_id="load-yaml")
                 self.errors["yaml"] = error_box("yaml")
 
         by_name = {"model_kind": model_kind, "model_path": model_path, "method": method,

@@ -1,0 +1,192 @@
+"""A quantized base model, built once and kept in the model cache.
+
+``load_quantized_base(config, device)`` is what ``models.prepare.load_base`` runs for ``quantization.type``
+nf4, fp4 or int. In order:
+
+1. **The cache.** ``$LORAFORGE_CACHE/quantized/<name>-<key>/`` holds the quantized model as
+   ``quant.serialization`` writes it (``model.safetensors`` + ``config.json``), the tokenizer (or vision
+   processor), the generation config and ``loraforge-cache.json``, a manifest with the key's inputs and the
+   weights file's size and sha256. A hit is rebuilt on the meta device and filled straight from the file:
+   seconds, bit-identical to the first load. A manifest that doesn't match the file (truncated, wrong size,
+   hash mismatch) or a file that won't load is reported with a warning, and the entry is rebuilt.
+2. **Streaming** (``models.streaming_load``) for a Hugging Face safetensors folder, the ``default`` model's
+   converted folder included: the dense model never exists.
+3. **The dense path** otherwise, with the reason: a ``.gguf`` source with nf4/fp4/int (transformers' GGUF
+   loader dequantizes the whole file; the result is cached, so this happens once per source and setting),
+   the in-process ``tiny-*`` models (nothing on disk; never cached), or a checkpoint that needs one of
+   transformers' tensor conversions (``StreamingUnsupported``).
+
+The key is a sha256 of: this cache's format version, ``model.dtype``, the quantization settings, the
+compute dtype as resolved for the device (bf16 falls back to fp32 on CPUs without bf16) and the source's
+fingerprint (``source_fingerprint``). The fingerprint reads no tensor data, so a 140 GB source is keyed in
+milliseconds: every top-level file's name, size and mtime, plus a sha256 of each safetensors header (every
+tensor's name, dtype, shape and byte range) and of every file under 16 MiB (configs, tokenizers). A
+changed weight file changes its mtime (and usually its size); an edit that keeps both, byte for byte, is
+not detected. Hashing every weight byte instead would cost minutes per load of a 70B model.
+
+``LORAFORGE_QUANTIZED_CACHE=off`` turns the cache off (nothing read or written; a 70B NF4 base is ~37 GB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from loraforge.config import ModelConfig
+from loraforge.models.sources import DTYPES, _cached_default_dir, cache_root, default_gguf_path, load_model
+from loraforge.models.streaming_load import StreamingUnsupported, load_processor, model_skeleton, stream_quantized
+from loraforge.quant.quantize_model import COMPUTE_DTYPES, resolve_compute_dtype
+from loraforge.utils.atomic import atomic_dir
+
+CACHE_FORMAT = 1
+"""Bump when the stored layout or a quantizer's output changes: older entries are then never hit."""
+MANIFEST_NAME = "loraforge-cache.json"
+WEIGHTS_NAME = "model.safetensors"
+SMALL_FILE_BYTES = 16 << 20
+"""Files below this size are hashed whole in the source fingerprint."""
+CACHE_SWITCH = "LORAFORGE_QUANTIZED_CACHE"
+
+
+def load_quantized_base(config: ModelConfig, device: torch.device):
+    """``(model, tokenizer)`` of ``config`` (nf4/fp4/int quantization) on ``device``; see the module docstring."""
+    from loraforge.models.prepare import _quantize
+
+    entry = cache_entry(config, device)
+    if entry is not None:
+        cached = load_cached(entry, config, device)
+        if cached is not None:
+            return cached
+    folder = _streamable_folder(config.source)
+    model = None
+    if folder is not None:
+        try:
+            model, tokenizer = stream_quantized(folder, config, device)
+        except StreamingUnsupported as reason:
+            warnings.warn(f"model {config.source!r} is loaded dense, then quantized: {reason}", stacklevel=2)
+    if model is None:
+        model, tokenizer = load_model(config.source, config.dtype)
+        model = _quantize(model, config).to(device)
+    if entry is not None:
+        save_cached(entry, model, tokenizer)
+    return model, tokenizer
+
+
+def _streamable_folder(source: str) -> Path | None:
+    if source == "default":
+        return _cached_default_dir()
+    path = Path(source).expanduser()
+    return path if path.is_dir() else None
+
+
+def source_fingerprint(source: str) -> dict | None:
+    """What identifies ``source``'s contents (see the module docstring); None for an in-process model."""
+    path = default_gguf_path() if source == "default" else Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        return None
+    return {"path": str(path.resolve()), "files": [_file_fingerprint(p) for p in files]}
+
+
+def _file_fingerprint(path: Path) -> list:
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        if stat.st_size < SMALL_FILE_BYTES:
+            digest.update(file.read())
+        elif path.suffix == ".safetensors":
+            head = file.read(8)
+            digest.update(head)
+            digest.update(file.read(min(int.from_bytes(head, "little"), SMALL_FILE_BYTES * 8)))
+        else:  # a GGUF's metadata and tensor table come first
+            digest.update(file.read(SMALL_FILE_BYTES))
+    return [path.name, stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+
+
+def cache_key(config: ModelConfig, device: torch.device) -> dict | None:
+    """The inputs that decide a cached base's bytes; None when ``config.source`` has no files to key on."""
+    fingerprint = source_fingerprint(config.source)
+    if fingerprint is None:
+        return None
+    quant = config.quantization
+    compute = resolve_compute_dtype(COMPUTE_DTYPES[quant.compute_dtype], device)
+    return {"format": CACHE_FORMAT, "dtype": config.dtype, "compute_dtype": str(compute).removeprefix("torch."),
+            "quantization": {key: getattr(quant, key) for key in ("type", "bits", "double_quant", "block_size",
+                                                                    "group_size")},
+            "source": fingerprint}
+
+
+def cache_entry(config: ModelConfig, device: torch.device) -> Path | None:
+    """The folder where ``config``'s quantized base is (or will be) cached; None when nothing is cached."""
+    if os.environ.get(CACHE_SWITCH, "on").lower() in ("0", "off", "false", "no"):
+        return None
+    key = cache_key(config, device)
+    if key is None:
+        return None
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(key["source"]["path"]).stem)[:48]
+    quant = key["quantization"]
+    return cache_root() / "quantized" / f"{name}-{quant['type']}{quant['bits']}-{digest}"
+
+
+def save_cached(entry: Path, model: nn.Module, tokenizer) -> None:
+    """Write ``model`` (quantized) and its tokenizer into ``entry`` atomically; a failure only warns."""
+    from loraforge.quant.serialization import save_quantized
+
+    try:
+        with atomic_dir(entry) as staging:
+            save_quantized(model, staging)
+            tokenizer.save_pretrained(staging)
+            model.generation_config.save_pretrained(staging)
+            weights = staging / WEIGHTS_NAME
+            manifest = {"format": CACHE_FORMAT, "name_or_path": model.config._name_or_path,
+                        "weights": {"size": weights.stat().st_size, "sha256": _sha256(weights)}}
+            (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    except OSError as err:
+        warnings.warn(f"could not cache the quantized base in {entry} ({err}); the next load quantizes again",
+                      stacklevel=3)
+
+
+def load_cached(entry: Path, config: ModelConfig, device: torch.device):
+    """``(model, tokenizer)`` from a cache entry, or None when there is none or it is damaged (then with a
+    warning naming what is wrong; the caller rebuilds it)."""
+    from loraforge.quant.serialization import load_quantized
+
+    manifest_path, weights = entry / MANIFEST_NAME, entry / WEIGHTS_NAME
+    if not manifest_path.is_file():
+        return None
+    problem = None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        expected = manifest["weights"]
+        size = weights.stat().st_size if weights.is_file() else None
+        if size is None:
+            problem = f"{WEIGHTS_NAME} is missing"
+        elif size != expected["size"]:
+            problem = f"{WEIGHTS_NAME} is {size} bytes, the manifest says {expected['size']} (truncated?)"
+        elif _sha256(weights) != expected["sha256"]:
+            problem = f"{WEIGHTS_NAME}'s sha256 differs from the manifest's (corrupted)"
+        else:
+            model = load_quantized(entry, model_skeleton(entry, DTYPES[config.dtype]), device)
+            model.config._name_or_path = manifest["name_or_path"]  # as the first load had it, not the cache's path
+            tokenizer = load_processor(entry)
+            return model.to(device), tokenizer
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # json, file, load_quantized's checks
+        problem = " ".join(str(err).split())
+    warnings.warn(f"the cached quantized base {entry} is damaged ({problem}); rebuilding it", stacklevel=3)
+    return None
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()

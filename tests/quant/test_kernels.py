@@ -1,0 +1,138 @@
+"""quant/kernels.py: every matmul path (torch's int4 kernel, tiled dequantize-and-matmul, whole-layer fallback),
+forward and input gradient, against the dense weight: gguf-py's dequantization for the GGUF block types, the
+format's own ``dequantize`` (itself tested against bitsandbytes and gguf-py) for NF4/FP4 and INTk."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loraforge.quant import kernels
+from loraforge.quant.base import QuantLinear
+from loraforge.quant.blockwise4bit import Blockwise4bitWeight
+from loraforge.quant.gguf_blocks import QUANTIZERS
+from loraforge.quant.intk import quantize_intk
+from tests.references import require
+
+OUT, IN = 48, 256
+"""Several row and column tiles with ``TILE_ELEMENTS = 2000`` (see ``small_tiles``), and ragged last tiles."""
+
+FORMATS = {
+    "int4-g32": lambda w: quantize_intk(w, 4, 32),
+    "int4-g64": lambda w: quantize_intk(w, 4, 64),
+    "int3-g128": lambda w: quantize_intk(w, 3, 128),
+    "int8-g64": lambda w: quantize_intk(w, 8, 64),
+    "nf4-dq": lambda w: Blockwise4bitWeight.from_dense(w, "nf4", 64, True),
+    "fp4": lambda w: Blockwise4bitWeight.from_dense(w, "fp4", 128, False),
+    **{name: QUANTIZERS[name] for name in ("q4_0", "q4_1", "q8_0")},
+}
+INT4_KERNEL = {"int4-g32", "int4-g64", "int3-g128", "q4_0", "q4_1"}
+"""Formats whose weights are ``scale·q + min`` with q < 16: torch's int4 kernel takes them."""
+
+
+def _weight(name: str, out: int = OUT, in_features: int = IN):
+    torch.manual_seed(len(name))
+    return FORMATS[name](torch.randn(out, in_features) * 0.05)
+
+
+def _dense_reference(name: str, weight) -> torch.Tensor:
+    """The dense fp64 weight: from gguf-py's dequantization of the file bytes for GGUF types, else ours."""
+    if name.startswith("q"):
+        gguf = require("gguf")
+        raw = weight.to_gguf_bytes().numpy()
+        return torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name.upper()]).astype(np.float64))
+    return weight.dequantize().double()
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 2000)
+
+
+def _tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
+    scale = float(reference.abs().amax())
+    return (2e-6 if dtype == torch.float32 else 2e-2) * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 33, 300])
+def test_forward_and_input_grad_match_the_dense_weight(name, dtype, rows, small_tiles):
+    weight = _weight(name)
+    dense = _dense_reference(name, weight)
+    x = torch.randn(rows, IN, dtype=dtype, requires_grad=True)
+    y = weight.matmul(x)
+    assert y.shape == (rows, OUT) and y.dtype == dtype and y.is_contiguous()
+    expected = x.detach().double() @ dense.T
+    assert (y.double() - expected).abs().max() <= _tolerance(dtype, expected)
+    grad = torch.randn(rows, OUT, dtype=dtype)
+    y.backward(grad)
+    expected_grad = grad.double() @ dense
+    assert x.grad.shape == x.shape and x.grad.dtype == dtype
+    assert (x.grad.double() - expected_grad).abs().max() <= _tolerance(dtype, expected_grad)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_tiles_are_bit_identical_to_slices_of_the_dense_weight(name):
+    weight = _weight(name)
+    dense = weight.dequantize(torch.float32)
+    tile = weight.tile_dequantizer()
+    align = weight.tile_columns
+    for rows, cols in [(slice(0, OUT), slice(0, IN)), (slice(5, 17), slice(align, 2 * align)),
+                       (slice(47, 48), slice(IN - align, IN))]:
+        assert torch.equal(tile(rows, cols, torch.float32), dense[rows, cols])
+        assert torch.equal(tile(rows, cols, torch.bfloat16), weight.dequantize(torch.bfloat16)[rows, cols])
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernel_is_packed_once_for_decode_and_never_for_training_sizes(name, dtype):
+    weight = _weight(name)
+    many = kernels.INT4PACK_MAX_ROWS[dtype] + 1
+    weight.matmul(torch.randn(2, many, IN, dtype=dtype))
+    assert "_kernel_cache" not in weight.__dict__  # training-size inputs: no packed copy, no extra memory
+    weight.matmul(torch.randn(1, IN, dtype=dtype))
+    packed = weight._kernel_cache["int4pack"]
+    assert (packed is not None) == (name in INT4_KERNEL)
+    if packed is not None:
+        codes = packed.codes
+        weight.matmul(torch.randn(1, IN, dtype=dtype))
+        assert weight._kernel_cache["int4pack"].codes is codes  # packed once, reused
+
+
+def test_shapes_the_kernels_cannot_take_fall_back_and_stay_right(small_tiles):
+    # out_features 40 is not a multiple of 16 (torch's int4 kernel); NF4 blocks of 64 cross the rows of a
+    # (40, 96) weight, so it can't be tiled either and is dequantized whole.
+    for weight in (quantize_intk(torch.randn(40, 96), 4, 32),
+                   Blockwise4bitWeight.from_dense(torch.randn(40, 96), "nf4", 64, True)):
+        dense = weight.dequantize().double()
+        for rows in (1, 50):
+            x = torch.randn(rows, 96, requires_grad=True)
+            y = weight.matmul(x)
+            assert torch.allclose(y.double(), x.detach().double() @ dense.T, atol=1e-5)
+            y.sum().backward()
+            assert torch.allclose(x.grad.double(), dense.sum(0).expand(rows, -1), atol=1e-5)
+    assert weight.tile_dequantizer() is None
+
+
+def test_quant_linear_keeps_leading_dims_and_adds_the_bias(small_tiles):
+    weight = _weight("q4_1")
+    bias = torch.randn(OUT)
+    layer = QuantLinear(weight, bias, torch.float32)
+    for tokens in (1, 20):
+        x = torch.randn(2, tokens, IN)
+        expected = F.linear(x.double(), _dense_reference("q4_1", weight), bias.double())
+        assert torch.allclose(layer(x).double(), expected, atol=1e-5)
+
+
+def test_summary_says_which_path_each_quantized_linear_takes():
+    from loraforge.models import tiny_model
+    from loraforge.quant.quantize_model import quantize_model
+    from loraforge.quant.summary import quant_summary
+
+    nf4 = quantize_model(tiny_model("tiny-llama"), compute_dtype="fp32")
+    assert quant_summary(nf4)["matmul_paths"] == {"tiled dequantize+matmul": 14}
+    int4 = quantize_model(tiny_model("tiny-llama"), bits=4, type="int", block_size=32, compute_dtype="fp32")
+    limit = kernels.INT4PACK_MAX_ROWS[torch.float32]
+    assert quant_summary(int4)["matmul_paths"] == {
+        f"torch int4 kernel up to {limit} tokens, tiled dequantize+matmul above": 14}
