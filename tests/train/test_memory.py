@@ -150,3 +150,17 @@ def test_a_first_quantized_load_counts_the_dense_weights_it_holds(tmp_path):
     assert dense.loading_bytes == d["runtime"] + d["weights"] + unquantized.components["weights"]
     assert unquantized.loading_bytes == 0
     assert dense.total_bytes == max(sum(d.values()), dense.loading_bytes)
+
+
+def test_a_cached_quantized_base_adds_no_loading_peak(tmp_path, monkeypatch):
+    from loraforge.models import tiny_model, tiny_tokenizer
+    from loraforge.models.prepare import load_base
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_model("tiny-llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    cfg = config(model={"source": str(folder), "quantization": {"type": "nf4", "block_size": 32}})
+    assert estimate_memory(cfg, "cpu").loading_bytes > 0
+    load_base(cfg.model, torch.device("cpu"))  # the first load writes the cache
+    assert estimate_memory(cfg, "cpu").loading_bytes == 0

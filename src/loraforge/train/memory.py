@@ -165,7 +165,7 @@ class _Parts:
     runtime_bytes: int
     cpu: bool
     loading_bytes: int
-    """With a quantized base (not ``gguf``) built for the first time: the runtime, the quantized weights and
+    """With a quantized base (not ``gguf``) built for the first time (not in the cache yet): the runtime, the quantized weights and
     what the loader holds dense beside them: the largest safetensors shard of a folder it streams
     (``models.streaming_load``; the shard's mapped pages stay resident until it is closed), else the whole
     dense model (a GGUF or in-process source is dequantized first). 0 without such a quantization."""
@@ -189,7 +189,8 @@ class _Parts:
         dense = model if config.model.quantization is None else _meta_model(config, quantized=False)
         activations, logits = _saved_bytes(dense, tokens, act_dtype)
         loading = 0
-        if config.model.quantization is not None and config.model.quantization.type != "gguf":
+        if config.model.quantization is not None and config.model.quantization.type != "gguf" \
+                and not _quantized_base_cached(config, device):
             loading = runtime_bytes(device) + weights + _dense_held_while_quantizing(config.model.source, dense)
         hidden = model.config.hidden_size * torch.empty((), dtype=act_dtype).element_size()
         return cls(weight_bytes=weights,
@@ -263,6 +264,14 @@ def _dtype_of(config: Config) -> torch.dtype:
     from loraforge.models.sources import DTYPES
 
     return DTYPES[config.model.dtype]
+
+
+def _quantized_base_cached(config: Config, device: torch.device) -> bool:
+    """Whether a run would read its quantized base from the cache (``models.quantized_base``), not build it."""
+    from loraforge.models.quantized_base import cache_entry
+
+    entry = cache_entry(config.model, device)
+    return entry is not None and entry.is_dir()
 
 
 def _dense_held_while_quantizing(source: str, dense: nn.Module) -> int:
