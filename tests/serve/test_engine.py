@@ -212,3 +212,16 @@ def test_the_engine_puts_the_model_where_it_is_told(llama, tokenizer):
     if not torch.cuda.is_available():
         with pytest.raises(ModelSourceError, match="0 CUDA device"):
             Engine(llama, tokenizer, device="cuda", pool_bytes=1 << 22)
+
+
+def test_stale_nan_bytes_in_the_pool_never_reach_an_answer(llama, tokenizer, adapter_dirs):
+    """Pages hold whatever memory the OS or the heap gave them (``torch.empty``) until written: an adapter
+    page's unused tail, or a page no one has used yet. Decode attention reads whole blocks of every
+    sequence's table (a shorter table is padded with page 0) and masks the slots past its length, but a
+    masked weight of 0 times a NaN is NaN. Filled with NaN first, the pool must answer as a clean one."""
+    requests = [Request(p, greedy(max_tokens=24), adapter=a)
+                for p, a in (("x", "r8"), (PROMPTS[3], None), (PROMPTS[1], "r16"))]
+    clean = Engine(llama, tokenizer, adapters=adapter_dirs, pool_bytes=1 << 23).generate(requests)
+    dirty = Engine(llama, tokenizer, adapters=adapter_dirs, pool_bytes=1 << 23)
+    dirty.pool.storage.fill_(float("nan"))
+    assert [o.token_ids for o in dirty.generate(requests)] == [o.token_ids for o in clean]

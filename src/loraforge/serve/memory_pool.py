@@ -72,10 +72,11 @@ class PagePool:
                 self.on_reuse(page)
             pages.append(page)
         self._used[kind] += n
-        if kind == "kv" and pages:
-            # Attention reads whole KV blocks and masks the slots past each sequence's end; masked
-            # weights are 0, but 0 * NaN is NaN, so stale bytes (uninitialised memory, or an evicted
-            # adapter's weights) must not reach it as NaN/inf. Zeroing a block costs one page write.
+        if pages:
+            # Attention reads whole KV blocks and masks the slots past each sequence's end (a shorter
+            # block table is padded with page 0, whatever that page holds now); masked weights are 0, but
+            # 0 * NaN is NaN, so no page in use may hold NaN/inf: neither uninitialised memory in a KV
+            # block nor in the unused tail of an adapter's page. Zeroing costs one write per page.
             self.storage[torch.tensor(pages, device=self.storage.device)] = 0
         return pages
 
