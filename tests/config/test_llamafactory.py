@@ -113,11 +113,12 @@ def test_the_example_converts_key_by_key(project):
     t = c.train
     assert (t.batch_size, t.grad_accum, t.lr, t.epochs, t.scheduler, t.warmup_ratio) == (1, 8, 1e-4, 3.0, "cosine", 0.1)
     assert (t.precision, t.logging_steps, t.save_steps, t.resume_from_checkpoint) == ("bf16", 10, 500, None)
+    assert t.distributed_timeout == 180000000
     assert c.output.dir == str(project / "saves/llama3-8b/lora/sft")
     assert (c.output.overwrite_output_dir, c.output.plot, c.output.tensorboard) == (True, True, False)
     notes = "\n".join(conversion.notes)
     for key in ("do_train", "trust_remote_code", "overwrite_cache", "preprocessing_num_workers",
-                "dataloader_num_workers", "save_only_model", "ddp_timeout"):
+                "dataloader_num_workers", "save_only_model"):
         assert key in notes
 
 

@@ -214,6 +214,15 @@ def test_metrics_move_by_what_requests_did(client, served):
     for gauge in ("loraforge_requests_waiting", "loraforge_requests_running", "loraforge_pool_kv_pages"):
         assert metric(url, gauge, KEY) == 0
     assert metric(url, "loraforge_pool_free_bytes", KEY) == engine.pool.num_free * engine.pool.page_bytes
+    hits = metric(url, "loraforge_prefix_hit_blocks_total", KEY)
+    blocks = min(3, 256 // engine.block_size)  # several full KV blocks, well inside the 512-token context
+    ids = engine.tokenizer.encode(" ".join(f"word{i}" for i in range(400)))[:blocks * engine.block_size + 5]
+    shared = engine.tokenizer.decode(ids)
+    for _ in range(2):  # the second request reuses the first one's blocks
+        client.completions.create(model="r8", prompt=shared, max_tokens=1, temperature=0)
+    assert metric(url, "loraforge_prefix_hit_blocks_total", KEY) > hits
+    assert metric(url, "loraforge_prefix_hit_blocks_total", KEY) == engine.stats().prefix_hit_blocks
+    assert metric(url, "loraforge_prefix_cached_pages", KEY) == engine.stats().prefix_cached_pages > 0
 
 
 def test_load_200_concurrent_streams_over_20_adapters_with_hot_load_and_unload(served):

@@ -43,6 +43,7 @@ DIRECT: dict[str, str] = {
     "use_rslora": "adapter.use_rslora",
     "overwrite_output_dir": "output.overwrite_output_dir",
     "plot_loss": "output.plot",
+    "ddp_timeout": "train.distributed_timeout",
 }
 """LLaMA-Factory keys whose value loraforge takes as it is, and the loraforge key they set."""
 
@@ -72,7 +73,6 @@ NO_EFFECT: dict[str, str] = {
     "preprocessing_num_workers": "data are prepared in-process",
     "dataloader_num_workers": "batches are built in-process",
     "overwrite_cache": "loraforge keeps no tokenized-data cache",
-    "ddp_timeout": "set by torchrun / torch.distributed",
     "save_only_model": "checkpoints always hold the optimizer state, for exact resume",
     "do_eval": "loraforge evaluates whenever there is eval data",
     "per_device_eval_batch_size": "evaluation uses train.batch_size",

@@ -411,6 +411,10 @@ def _prometheus(stats, http_requests: Counter, base: dict) -> str:
         ("loraforge_pool_adapter_pages", "gauge", "Pool pages holding adapter weights.", stats.adapter_pages),
         ("loraforge_pool_free_pages", "gauge", "Free pool pages.", stats.free_pages),
         ("loraforge_pool_free_bytes", "gauge", "Free bytes in the memory pool.", stats.free_pages * stats.page_bytes),
+        ("loraforge_prefix_cached_pages", "gauge", "Pool pages holding prefix-cache KV blocks (in use or idle).",
+         stats.prefix_cached_pages),
+        ("loraforge_prefix_hit_blocks_total", "counter", "KV blocks reused from the prefix cache instead of computed.",
+         stats.prefix_hit_blocks),
     ]
     lines = []
     for name, kind, help_, value in metrics:
