@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ImportError, RuntimeError)
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if _is_library_error(err):
             print(f"error: {err}", file=sys.stderr)
+            if getattr(err, "abandon_process", False):  # e.g. a lost rank: nothing can be shut down cleanly
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             return 2
         raise
 

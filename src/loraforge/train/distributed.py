@@ -46,6 +46,15 @@ class DistributedError(RuntimeError):
     """The processes of a run can't work together: different configs or data, a rank lost, a bad launch."""
 
 
+class LostRanksError(DistributedError):
+    """Another rank died or hung. The process group can't be torn down then: tearing it down (or the
+    store's server at interpreter exit) may wait on a hung peer's open connection. So it is left as it is,
+    and the CLI ends the process at once after printing the error (``abandon_process``); the last
+    checkpoint is complete, since checkpoints are written atomically."""
+
+    abandon_process = True
+
+
 class TokenLoss(nn.Module):
     """The training forward as a module, so that DDP's and FSDP2's hooks see it: ``batch -> (summed
     next-token loss, labelled positions)`` of ``model`` (``train.loss.summed_token_loss``)."""

@@ -54,7 +54,13 @@ from loraforge.train.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
-from loraforge.train.distributed import DistributedError, World, init_world, is_lost_peer, total_grad_norm
+from loraforge.train.distributed import (
+    LostRanksError,
+    World,
+    init_world,
+    is_lost_peer,
+    total_grad_norm,
+)
 from loraforge.train.evaluate import eval_loss
 from loraforge.train.optim import build_optimizer, parameter_groups
 from loraforge.train.runlog import RunLog, peak_memory_bytes, plot_loss_curve
@@ -86,11 +92,16 @@ def run_training(config: Config, echo=print) -> RunResult:
     if config.model.threads:
         torch.set_num_threads(config.model.threads)
     world = init_world(config.train.distributed, config.train.distributed_timeout)
+    lost = False
     try:
         with _lost_ranks_as_error(world, config):
             return _run(config, world, echo if world.is_main else _quiet)
+    except LostRanksError:
+        lost = True  # the group is left as it is (see LostRanksError)
+        raise
     finally:
-        world.close()
+        if not lost:
+            world.close()
 
 
 @contextmanager
@@ -98,7 +109,7 @@ def _lost_ranks_as_error(world: World, config: Config):
     """A collective that fails because another rank died or hung becomes one clear error on each survivor.
 
     Raises:
-        DistributedError: naming the last complete checkpoint to resume from.
+        LostRanksError: naming the last complete checkpoint to resume from.
     """
     try:
         yield
@@ -107,7 +118,7 @@ def _lost_ranks_as_error(world: World, config: Config):
             raise
         latest = latest_checkpoint(Path(config.output.dir))
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DistributedError(
+        raise LostRanksError(
             f"rank {world.rank} of {world.size}: lost the other ranks (one died, or did not answer within "
             f"train.distributed_timeout={config.train.distributed_timeout:g} s: {first_line}). "
             + (f"The last complete checkpoint is {latest}; resume with train.resume_from_checkpoint=latest, on any "
