@@ -16,6 +16,7 @@ from loraforge.adapters import AdapterSpec, adapted_layers, add_adapter, delete_
 from loraforge.adapters.qalora import fold_into_group_min
 from loraforge.export.gguf_writer import field_value, open_writer, write_gguf
 from loraforge.models import tiny_tokenizer
+from loraforge.models.gguf_file import GGUFFile
 from loraforge.models.gguf_native import GGUFError, gguf_tensor_name, load_gguf_native
 from loraforge.quant.base import QuantLinear
 from loraforge.quant.gguf_blocks import Q4_1Weight
@@ -38,11 +39,11 @@ def tiny_gguf(tmp_path_factory):
 def rewrite(src, dst, arch=None, replace=None):
     """Copy a GGUF file, optionally under another architecture name or with tensors replaced
     (``replace``: name -> (numpy array, GGMLQuantizationType))."""
-    reader = GGUFReader(src)
+    reader = GGUFFile(src)
     arch = arch or reader.fields["general.architecture"].contents()
     writer = open_writer(dst, arch)
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+        if key == "general.architecture":
             continue
         writer.add_key_value(key.replace("llama.", f"{arch}."), *field_value(field))
     for tensor in reader.tensors:

@@ -184,15 +184,8 @@ def open_writer(path: str | os.PathLike, arch: str):
 
 
 def field_value(field) -> tuple:
-    """``(value, GGUFValueType, item type or None)`` of a ``GGUFReader`` field, as ``add_key_value`` takes them.
-
-    An array's item type is read from the field's bytes: ``field.types`` lists none for an empty array.
-    """
-    from gguf import GGUFValueType
-
-    kind = field.types[0]
-    item_type = GGUFValueType(int(field.parts[3][0])) if kind == GGUFValueType.ARRAY else None
-    return field.contents(), kind, item_type
+    """``(value, GGUFValueType, item type or None)`` of a ``GGUFFile`` field, as ``add_key_value`` takes them."""
+    return field.contents(), field.value_type, field.item_type
 
 
 # --- tensors -------------------------------------------------------------------------------------

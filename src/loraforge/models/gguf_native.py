@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from loraforge.models.gguf_file import GGUFFile
 from loraforge.quant.base import QuantLinear
 from loraforge.quant.gguf_blocks import BLOCK_FORMATS
 
@@ -105,19 +106,18 @@ def rope_row_order(n_rows: int, n_head: int, to_gguf: bool) -> torch.Tensor:
 
 
 def open_gguf(path: str | os.PathLike):
-    """A ``gguf.GGUFReader`` over ``path``, after checking that every tensor's bytes lie inside the file.
+    """The parsed header of ``path`` (``models.gguf_file.GGUFFile``), after checking that every tensor's bytes
+    lie inside the file.
 
     Raises:
         GGUFError: the file is missing, is not GGUF, or is truncated or corrupt.
     """
-    from gguf import GGUFReader
-
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"{path}: no such GGUF file")
     size = path.stat().st_size
     try:
-        reader = GGUFReader(str(path), "r")
+        reader = GGUFFile(path)
         for tensor in reader.tensors:
             end = int(tensor.data_offset) + int(tensor.n_bytes)
             if end > size or tensor.data.nbytes != tensor.n_bytes:
@@ -201,7 +201,7 @@ def config_from_metadata(reader, path: Path):
     hidden = key("embedding_length")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     fields = dict(
-        vocab_size=key("vocab_size", len(tokens.data) if tokens is not None else None),
+        vocab_size=key("vocab_size", len(tokens.contents()) if tokens is not None else None),
         hidden_size=hidden,
         intermediate_size=key("feed_forward_length"),
         num_hidden_layers=key("block_count"),

@@ -102,12 +102,10 @@ def default_gguf_path() -> Path:
 
 def gguf_architecture(path: Path) -> str:
     """``general.architecture`` of a GGUF file, with a clear error for a file that isn't valid GGUF."""
-    from gguf import GGUFReader
+    from loraforge.models.gguf_file import GGUFFile
 
     try:
-        reader = GGUFReader(str(path), "r")
-        field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
+        return GGUFFile(path).fields["general.architecture"].contents()
     except FileNotFoundError:
         raise ModelSourceError(f"{path}: no such GGUF file") from None
     except (KeyError, ValueError, IndexError, OSError) as err:

@@ -338,12 +338,11 @@ def model_architecture(source: str):
 
 def _gguf_weight_bytes(source: str) -> int:
     """``quantization.type: gguf`` keeps the file's tensors as stored: their bytes."""
-    from gguf import GGUFReader
-
+    from loraforge.models.gguf_file import GGUFFile
     from loraforge.models.sources import default_gguf_path
 
     path = default_gguf_path() if source == "default" else os.path.expanduser(source)
-    return sum(int(t.n_bytes) for t in GGUFReader(str(path), "r").tensors)
+    return sum(t.n_bytes for t in GGUFFile(path).tensors)
 
 
 def _saved_bytes(model: nn.Module, tokens: int, dtype: torch.dtype) -> tuple[int, int]:
