@@ -146,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(chat)
     chat.set_defaults(handler=_chat)
 
+    from loraforge.cli.cache import add_cache_parser
     from loraforge.cli.eval import add_eval_parser
 
     add_eval_parser(commands)
+    add_cache_parser(commands)
     return parser
 
 

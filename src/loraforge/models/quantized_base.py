@@ -25,6 +25,9 @@ changed weight file changes its mtime (and usually its size); an edit that keeps
 not detected. Hashing every weight byte instead would cost minutes per load of a 70B model.
 
 ``LORAFORGE_QUANTIZED_CACHE=off`` turns the cache off (nothing read or written; a 70B NF4 base is ~37 GB).
+Entries are never removed on their own: ``loraforge cache`` lists them (source, quantization, size, last
+use) and removes them by name or, least recently used first, down to a size (``cached_bases``,
+``remove_cached``, ``evict_least_recent``). A hit marks its entry used (the manifest's mtime).
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +50,7 @@ from loraforge.config import ModelConfig
 from loraforge.models.sources import DTYPES, _cached_default_dir, cache_root, default_gguf_path, load_model
 from loraforge.models.streaming_load import StreamingUnsupported, load_processor, model_skeleton, stream_quantized
 from loraforge.quant.quantize_model import COMPUTE_DTYPES, resolve_compute_dtype
-from loraforge.utils.atomic import atomic_dir
+from loraforge.utils.atomic import STAGING_INFIX, atomic_dir
 
 CACHE_FORMAT = 1
 """Bump when the stored layout or a quantizer's output changes: older entries are then never hit."""
@@ -75,7 +81,7 @@ def load_quantized_base(config: ModelConfig, device: torch.device):
         model, tokenizer = load_model(config.source, config.dtype)
         model = _quantize(model, config).to(device)
     if entry is not None:
-        save_cached(entry, model, tokenizer)
+        save_cached(entry, model, tokenizer, cache_key(config, device))
     return model, tokenizer
 
 
@@ -136,11 +142,16 @@ def cache_entry(config: ModelConfig, device: torch.device) -> Path | None:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(key["source"]["path"]).stem)[:48]
     quant = key["quantization"]
-    return cache_root() / "quantized" / f"{name}-{quant['type']}{quant['bits']}-{digest}"
+    return cache_folder() / f"{name}-{quant['type']}{quant['bits']}-{digest}"
 
 
-def save_cached(entry: Path, model: nn.Module, tokenizer) -> None:
-    """Write ``model`` (quantized) and its tokenizer into ``entry`` atomically; a failure only warns."""
+def cache_folder() -> Path:
+    return cache_root() / "quantized"
+
+
+def save_cached(entry: Path, model: nn.Module, tokenizer, key: dict | None = None) -> None:
+    """Write ``model`` (quantized) and its tokenizer into ``entry`` atomically; a failure only warns.
+    ``key`` (``cache_key``'s) is kept in the manifest so that ``loraforge cache`` can say what the entry is."""
     from loraforge.quant.serialization import save_quantized
 
     try:
@@ -149,7 +160,7 @@ def save_cached(entry: Path, model: nn.Module, tokenizer) -> None:
             tokenizer.save_pretrained(staging)
             model.generation_config.save_pretrained(staging)
             weights = staging / WEIGHTS_NAME
-            manifest = {"format": CACHE_FORMAT, "name_or_path": model.config._name_or_path,
+            manifest = {"format": CACHE_FORMAT, "name_or_path": model.config._name_or_path, "key": key,
                         "weights": {"size": weights.stat().st_size, "sha256": _sha256(weights)}}
             (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     except OSError as err:
@@ -180,6 +191,7 @@ def load_cached(entry: Path, config: ModelConfig, device: torch.device):
             model = load_quantized(entry, model_skeleton(entry, DTYPES[config.dtype]), device)
             model.config._name_or_path = manifest["name_or_path"]  # as the first load had it, not the cache's path
             tokenizer = load_processor(entry)
+            _mark_used(manifest_path)
             return model.to(device), tokenizer
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # json, file, load_quantized's checks
         problem = " ".join(str(err).split())
@@ -190,3 +202,77 @@ def load_cached(entry: Path, config: ModelConfig, device: torch.device):
 def _sha256(path: Path) -> str:
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _mark_used(manifest_path: Path) -> None:
+    try:
+        os.utime(manifest_path)
+    except OSError:  # a read-only cache still serves hits
+        pass
+
+
+@dataclass(frozen=True)
+class CachedBase:
+    """One cache entry as ``loraforge cache`` lists it."""
+
+    path: Path
+    source: str
+    quantization: str
+    nbytes: int
+    last_used: float
+    """Seconds since the epoch of the last hit (or of the write)."""
+
+
+def cached_bases() -> list[CachedBase]:
+    """Every complete entry of the quantized cache, the most recently used first (staging folders of
+    writes in progress are not entries)."""
+    folder = cache_folder()
+    if not folder.is_dir():
+        return []
+    entries = []
+    for path in folder.iterdir():
+        manifest_path = path / MANIFEST_NAME
+        if STAGING_INFIX in path.name or not manifest_path.is_file():
+            continue
+        try:
+            key = json.loads(manifest_path.read_text()).get("key") or {}
+        except (OSError, ValueError, AttributeError):
+            key = {}
+        quantization = _describe(key) if key.get("quantization") else "?"
+        nbytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        entries.append(CachedBase(path, (key.get("source") or {}).get("path", "?"), quantization, nbytes,
+                                  manifest_path.stat().st_mtime))
+    return sorted(entries, key=lambda e: e.last_used, reverse=True)
+
+
+def _describe(key: dict) -> str:
+    """``nf4 block 64, double quant, compute float32`` / ``int4 group 64, compute bfloat16``."""
+    quant = key["quantization"]
+    if quant["type"] == "int":
+        words = [f"int{quant['bits']} group {quant['group_size']}"]
+    else:
+        words = [f"{quant['type']} block {quant['block_size']}"] + (["double quant"] if quant["double_quant"] else [])
+    return ", ".join([*words, f"compute {key.get('compute_dtype')}"])
+
+
+def remove_cached(entry: CachedBase) -> None:
+    """Delete an entry: renamed aside first, so that an interrupted removal never leaves a half-deleted
+    folder under the entry's name (what remains is a hidden staging-named folder, not an entry)."""
+    aside = entry.path.with_name(f".{entry.path.name}{STAGING_INFIX}{uuid.uuid4().hex[:12]}.removed")
+    os.rename(entry.path, aside)
+    shutil.rmtree(aside)
+
+
+def evict_least_recent(max_bytes: int) -> list[CachedBase]:
+    """Remove entries, least recently used first, until the cache holds at most ``max_bytes``; returns
+    the removed ones."""
+    entries = cached_bases()
+    total = sum(e.nbytes for e in entries)
+    removed = []
+    for entry in reversed(entries):
+        if total <= max_bytes:
+            break
+        remove_cached(entry)
+        total -= entry.nbytes
+        removed.append(entry)
+    return removed
