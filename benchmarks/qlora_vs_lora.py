@@ -10,7 +10,7 @@ Variants, each in its own subprocess (so peak RSS is its own), same model, batch
 
 The loraforge variants give freed memory back to the OS after each step, as loraforge's trainer does on
 CPU (``utils.memory.release_free_memory``); the step time includes it. bnb-peft runs as transformers +
-PEFT users run it, without.
+PEFT users run it, without. ``--keep-freed-memory`` runs the loraforge variants without it too.
 
 A loraforge variant with the suffix ``:dequantize`` (``qlora:dequantize``) runs the quantized layers as they
 ran before ``quant/kernels.py``: the whole layer dequantized per call, then ``F.linear``; side by side with
@@ -20,14 +20,22 @@ ISA-limiting environment variables set (``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INS
 ``ATEN_CPU_CAPABILITY``: how a CPU without bf16 units is emulated on one with them) and, per run, torch's CPU
 capability and the bf16/fp32 time ratio of a 1024² matmul, which shows whether the emulation took effect.
 
+On a shared machine, ``--rounds N`` runs every variant N times, interleaved, and keeps each variant's fastest
+round (the table lists every round with the load average at its start); ``--lock FILE`` (repeatable) holds an
+flock on FILE around each variant's run, so that other timings never overlap one; ``--dry-run`` prints without
+recording.
+
 Models: the default model, and a random-initialised ~1.1B Llama (TinyLlama's shape) with ``--model 1b``.
 
     python benchmarks/qlora_vs_lora.py [--model default|1b] [--steps 6] [--seq 256] [--batch 4] [--profile]
+        [--rounds 1] [--lock FILE] [--dry-run]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import resource
@@ -38,9 +46,9 @@ import time
 from pathlib import Path
 
 import torch
+from report import append_result, markdown_table
 
 from loraforge.utils.memory import release_free_memory
-from report import append_result, markdown_table
 
 VARIANTS = ("lora", "qlora", "qlora-bf16", "qalora-int4", "qalora-q4_1", "bnb-peft")
 OLD_PATH = ":dequantize"
@@ -148,7 +156,11 @@ def worker(args) -> dict:
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
     else:
-        from loraforge.adapters import AdapterSpec, add_adapter, mark_only_adapters_trainable
+        from loraforge.adapters import (
+            AdapterSpec,
+            add_adapter,
+            mark_only_adapters_trainable,
+        )
         from loraforge.quant.quantize_model import quantize_model
 
         model = build_model(args.model)
@@ -183,7 +195,7 @@ def worker(args) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if variant != "bnb-peft":
+        if variant != "bnb-peft" and not args.keep_freed_memory:
             release_free_memory()  # as loraforge's trainer does after each step on CPU
         losses.append(loss.item())
 
@@ -221,6 +233,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--profile", action="store_true", help="add the top ops by self CPU time per variant")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every variant this many times, interleaved; a variant's step time is its fastest round")
+    parser.add_argument("--lock", action="append", default=[],
+                        help="a file to flock around each variant's run (a machine shared with other timings); "
+                             "repeatable, taken in the order given")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="loraforge variants skip release_free_memory after each step (as bnb-peft does)")
+    parser.add_argument("--dry-run", action="store_true", help="print the table, don't append it to BENCHMARKS.md")
     parser.add_argument("--worker", choices=[*VARIANTS, *(v + OLD_PATH for v in VARIANTS if v not in ("lora", "bnb-peft"))])
     args = parser.parse_args()
     if args.worker:
@@ -228,33 +248,66 @@ def main() -> None:
         return
     variants = [v for v in args.variants.split(",") if not (v == "bnb-peft" and args.model == "1b")]
     load_before = os.getloadavg()
-    results = {}
-    for name in variants:
-        proc = subprocess.run([sys.executable, __file__, "--worker", name, *sys.argv[1:]], capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        results[name] = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    runs: dict[str, list[dict]] = {}
+    for round_index in range(args.rounds):  # rounds interleave the variants, so that load hits them alike
+        for name in variants:
+            flags = [a for a in sys.argv[1:] if round_index == 0 or a != "--profile"]  # profile the first round only
+            with held(args.lock):
+                load = os.getloadavg()[0]
+                proc = subprocess.run([sys.executable, __file__, "--worker", name, *flags], capture_output=True, text=True,
+                                      check=False)
+            if proc.returncode != 0:
+                print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            runs.setdefault(name, []).append({**json.loads(proc.stdout.split("RESULT ", 1)[1]), "load": load})
+            print(f"round {round_index + 1}: {name} {runs[name][-1]['step_s']:.2f} s/step (load {load:.1f})",
+                  file=sys.stderr, flush=True)
+    results = {name: combine(r) for name, r in runs.items()}
     ref = results["lora"]
     rows = []
     for name, r in results.items():
         rows.append([name, f"{r['step_s']:.2f}", f"{r['step_s'] / ref['step_s']:.2f}", f"{r['load_peak_rss_gb']:.2f}",
                      f"{r['peak_rss_gb']:.2f}", f"{r['peak_rss_gb'] / ref['peak_rss_gb']:.2f}",
                      f"{r['linear_bytes'] / 2**20:.0f}",
-                     f"{r['linear_bytes'] / r['linear_bytes_bf16']:.3f}", f"{r['first_loss']:.3f}"])
-    append_result(
+                     f"{r['linear_bytes'] / r['linear_bytes_bf16']:.3f}", f"{r['first_loss']:.3f}",
+                     " / ".join(f"{t:.2f} ({load:.1f})" for t, load in zip(r["round_step_s"], r["round_load"]))])
+    (print if args.dry_run else append_result)(
         f"QLoRA vs LoRA on CPU ({args.model}, LoRA r=16 all-linear, batch {args.batch}×{args.seq}, "
-        f"{args.steps} steps, {args.threads} threads)",
+        f"{args.steps} steps, {args.threads} threads, {args.rounds} round{'s' * (args.rounds > 1)}"
+        f"{', freed memory kept (no malloc_trim per step)' if args.keep_freed_memory else ''})",
         markdown_table(["variant", "step s", "step ratio", "load peak RSS GB", "training peak RSS GB",
                         "training RSS ratio", "decoder-linear MiB",
-                        "linear bytes / bf16", "first loss"], rows),
+                        "linear bytes / bf16", "first loss", "step s per round (load average at its start)"], rows),
         "step ratio and RSS ratio are relative to dense-fp32 LoRA. Load peak: reading the dense checkpoint and "
         "quantizing it layer by layer; training peak: the high-water mark after a reset once the model is ready "
-        "(Linux VmHWM). linear bytes / bf16 is the stored size of the "
+        "(Linux VmHWM); over rounds, the fastest round's step time and the highest peaks. "
+        "linear bytes / bf16 is the stored size of the "
         "decoder linears relative to bf16 (NF4 + double quant: 4.127/16 = 0.258). "
         f"`{OLD_PATH}`: the quantized layers dequantized whole per call (the path before quant/kernels.py).\n\n"
         + run_notes(results, load_before) + profile_tables(results),
     )
+
+
+@contextlib.contextmanager
+def held(lock_paths: list[str]):
+    """Hold an exclusive flock on each of ``lock_paths``, taken in order, for the block."""
+    with contextlib.ExitStack() as stack:
+        for path in lock_paths:
+            f = stack.enter_context(open(path, "a"))
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One variant's rounds as one result: the fastest round's step time (load on a shared machine only ever adds
+    time), the highest peaks, the first round's profile, and every round's step time."""
+    result = dict(rounds[0])
+    result["step_s"] = min(r["step_s"] for r in rounds)
+    result["round_step_s"] = [r["step_s"] for r in rounds]
+    result["round_load"] = [r["load"] for r in rounds]
+    for key in ("peak_rss_gb", "load_peak_rss_gb"):
+        result[key] = max(r[key] for r in rounds)
+    return result
 
 
 def run_notes(results: dict, load_before: tuple) -> str:

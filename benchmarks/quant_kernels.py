@@ -62,8 +62,7 @@ def measure(weight, dense: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, pa
             "tiled_bwd": median_ms(lambda: kernels.input_grad(weight, grad), repeats),
         }
         if packed is not None:
-            t["int4"] = median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x, packed.codes, packed.group_size, packed.scales_and_zeros[dtype]), repeats)
+            t["int4"] = median_ms(lambda: packed.mm(x), repeats)
     return t
 
 
@@ -89,10 +88,10 @@ def main() -> None:
                 for m in (int(r) for r in args.rows.split(",")):
                     x = torch.randn(m, in_features, dtype=dtype)
                     grad = torch.randn(m, out_features, dtype=dtype)
-                    packed = kernels._int4pack(weight, dtype)
+                    packed = kernels._int4pack(weight) if kernels.int4pack_max_rows(weight, dtype) else None
                     t = measure(weight, dense, x, grad, packed, args.repeats)
                     int4 = t.get("int4")
-                    path = "int4 kernel" if packed is not None and m <= kernels.INT4PACK_MAX_ROWS[dtype] else "tiled"
+                    path = "int4 kernel" if m <= kernels.int4pack_max_rows(weight, dtype) else "tiled"
                     rows_out.append([name, f"{out_features}×{in_features}", dtype_name, m, f"{t['dense']:.2f}",
                                      f"{t['old']:.2f}", "–" if int4 is None else f"{int4:.2f}", f"{t['tiled']:.2f}",
                                      f"{t['used']:.2f}", f"{t['old'] / t['used']:.2f}", f"{t['old_bwd']:.2f}",

@@ -194,8 +194,9 @@ def main() -> None:
         f"interleaved rounds; {args.threads} thread(s) for llama.cpp (n_threads, n_threads_batch) and torch alike; our Q4_1 engine computes in {q4_dtype}."),
         ("llama.cpp quantizes each matmul's input to 8 bits (Q8_1 for Q4_1), so its greedy tokens part from ours "
         "where two tokens are nearly tied; tests/serve/test_quantized_base.py checks the logits against it."),
-        (f"Weights: ours count every parameter and buffer (Q4_1 blocks as stored; the tied embedding/head dense, in "
-        f"{q4_dtype} for the Q4_1 engine); llama.cpp's is its model size (token_embd Q8_0, also used as the head)."),
+        ("Weights: ours count every parameter and buffer (the Q4_1 engine: Q4_1 blocks and the tied Q8_0 "
+         "token_embd, used as the head too, as stored; the dense engine: all fp32); llama.cpp's is its model size. "
+         "The int4 kernel's packed copies (codes + bf16 scales, built on the first decode step) are in the RSS only."),
         (f"Batched: 32 sequences, prompt 32 tokens, steady-state decode steps, best of {args.batch_rounds}; adapters "
         "from serve_slora.weight_sets (ranks 8/16/32/64 on q/k/v/o)."),
         f"Load average (1 min) of this shared machine: {load_before} before, {load_average()} after.",

@@ -31,7 +31,14 @@ q/k/v and gate/up as separate GEMMs (the runner's default) and, for the first an
 into one GEMM each (``--no-fused`` skips those). The fp32 matmul peak is measured in the same run
 (best of square GEMMs at the step's thread count), and the no-adapter step's FLOPs (2 per weight
 per token, plus attention) are quoted as a share of it. ``--profile`` adds a per-op profile
-(torch.profiler, self CPU time) of that step with 32 distinct adapters, unfused and fused.
+(torch.profiler, self CPU time) of that step with 32 distinct adapters, unfused (and fused).
+
+The ceilings are measured in the same run too: the step's base GEMMs alone at their real shapes
+(``gemm_ceiling``: the most any decode step can reach with them), the one-thread read bandwidth
+(``read_bandwidth``) and from it the least time the 32 distinct adapters' extra bytes cost, which
+bounds the 32-distinct step's ratio to the one-adapter step. With ``--bf16`` (the default where the
+CPU has bf16 units) the steps and the GEMM ceiling are also measured on a bf16 copy of the model,
+against the bf16 matmul peak.
 
     python benchmarks/serve_slora.py [--model default] [--requests 48] [--adapters 1,10,100,1000]
 """
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import math
 import time
@@ -47,11 +55,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from report import append_result, markdown_table
 
 from loraforge.models import load_model
+from loraforge.quant.quantize_model import bf16_supported
 from loraforge.serve import Engine, Request, SamplingParams
-from loraforge.serve.runner import ModelRunner
+from loraforge.serve.runner import ATTENTION_PROJS, MLP_PROJS, ModelRunner
 
 RANKS = (8, 16, 32, 64)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -231,16 +241,75 @@ def fusion(engine: Engine, fused: bool):
         runner.fused_qkv, runner.fused_gate_up = saved
 
 
-def matmul_peak(seconds: float = 3.0, n: int = 1024) -> float:
-    """Best fp32 GFLOP/s of an ``n``x``n`` by ``n``x``n`` matmul over ``seconds``, at the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+def matmul_peak(seconds: float = 3.0, n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of an ``n``x``n`` by ``n``x``n`` matmul in ``dtype`` over ``seconds``, at the current thread count."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
         start = time.perf_counter()
         torch.mm(a, b, out=out)
         best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
     return best
+
+
+def gemm_ceiling(runner: ModelRunner, batch: int = 32, rounds: int = 5, head_chunk: int | None = None) -> float:
+    """Best seconds of exactly a decode step's base GEMMs, alone: every layer's q/k/v/o and gate/up/down
+    projections and the output head, in step order, on ``batch`` rows, called as the runner calls them
+    (the model's own modules). With ``head_chunk``, the head runs in slices of that many vocabulary rows.
+    No decode step can be faster than this with these GEMMs; the weights (hundreds of MB) stream from
+    memory as they do in a step."""
+    modules = [getattr(getattr(layer, part), proj) for layer in runner.layers
+               for part, projs in (("self_attn", ATTENTION_PROJS), ("mlp", MLP_PROJS)) for proj in projs]
+    inputs = {m.in_features: torch.randn(batch, m.in_features, dtype=runner.dtype) for m in modules}
+    head = runner.lm_head.weight
+    x_head = torch.randn(batch, head.shape[1], dtype=runner.dtype)
+    chunks = head.split(head_chunk) if head_chunk else None
+    best = math.inf
+    with torch.inference_mode():
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for module in modules:
+                module(inputs[module.in_features])
+            if chunks is None:
+                runner.lm_head(x_head)
+            else:
+                torch.cat([F.linear(x_head, chunk) for chunk in chunks], dim=1)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def read_bandwidth(mib: int = 256, rounds: int = 5) -> float:
+    """Best GB/s of one thread summing a ``mib`` MiB fp32 buffer (far larger than the caches): the rate at
+    which a step can stream weights that are not cached."""
+    buffer = torch.empty(mib * 2**20 // 4).uniform_()
+    best = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        buffer.sum()
+        best = max(best, buffer.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def bf16_steps(model, tokenizer, sets, rounds: int, batch: int = 32) -> tuple[float, dict[str, float]]:
+    """The bf16 matmul peak, and seconds per decode step of ``batch`` sequences (no adapter, one, ``batch``
+    distinct) plus the GEMM ceiling, with a bf16 copy of ``model`` served by its own engine (adapters in
+    bf16 pool pages too); all measured here."""
+    engine = Engine(copy.deepcopy(model).to(torch.bfloat16), tokenizer, pool_bytes=2**29, max_num_seqs=batch)
+    use_adapters(engine, sets, [f"a{i}" for i in range(batch)])
+    cases = {"no adapter": [None] * batch, "1 adapter (rank 8)": ["a0"] * batch,
+             f"{batch} distinct": [f"a{i}" for i in range(batch)]}
+    decode_step(engine, tokenizer, cases[f"{batch} distinct"], 2)  # warm-up
+    times: dict[str, float] = {}
+    for name, adapters in [case for _ in range(rounds) for case in cases.items()]:
+        times[name] = min(times.get(name, math.inf), decode_step(engine, tokenizer, adapters, 6))
+    times["GEMMs alone"] = gemm_ceiling(engine.runner)
+    return matmul_peak(dtype=torch.bfloat16), times
+
+
+def sets_mb(sets) -> float:
+    """MB of fp32 LoRA weights of the weight sets ``sets``."""
+    return sum(t.numel() for config, tensors in sets for t in tensors.values()) * 4 / 1e6
 
 
 def decode_step_gflop(model, batch: int = 32, context: int = 40) -> float:
@@ -320,9 +389,13 @@ def main() -> None:
     parser.add_argument("--peft-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared; 1 measured faster)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all engine rows; each row keeps its best")
+    parser.add_argument("--step-rounds", type=int, default=3,
+                        help="interleaved rounds of the decode-step rows (each keeps its best); they are short and noisy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-fused", action="store_true", help="skip the fused q/k/v, gate/up decode-step rows")
     parser.add_argument("--profile", action="store_true", help="add a per-op profile of a 32-sequence decode step")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=bf16_supported(torch.device("cpu")),
+                        help="add decode-step rows with the dense weights in bf16 (default: when the CPU has bf16 units)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -336,11 +409,15 @@ def main() -> None:
     engine = Engine(model, tokenizer, pool_bytes=int(args.pool_gib * 2**30), max_num_seqs=args.max_num_seqs)
     run_engine(engine, tokenizer, sets, make_trace(8, 1, 1.0, *trace_args), 1)  # warm-up: touch the pool, load code
     peak = matmul_peak()
-    steps = decode_step_times(engine, tokenizer, sets, args.rounds, fused=not args.no_fused)
+    steps = decode_step_times(engine, tokenizer, sets, args.step_rounds, fused=not args.no_fused)
+    ceilings = {"GEMMs alone (q/k/v/o, gate/up/down, head; 32 rows)": gemm_ceiling(engine.runner),
+                "GEMMs alone, head in 1024-row vocabulary slices": gemm_ceiling(engine.runner, head_chunk=1024)}
+    bandwidth = read_bandwidth()
+    bf16 = bf16_steps(model, tokenizer, sets, args.step_rounds) if args.bf16 else None
     profiles = {}
     if args.profile:
         distinct = [f"a{i}" for i in range(32)]
-        for fused in (False, True):
+        for fused in (False,) if args.no_fused else (False, True):
             with fusion(engine, fused):
                 profiles["fused" if fused else "unfused"] = op_profile(engine, tokenizer, distinct)
     step_gflop = decode_step_gflop(model)
@@ -356,7 +433,7 @@ def main() -> None:
                 results[(n, alpha)] = r
     weight_mb = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) * 4 / 1e6
     lora_calls = 2 * 32 * len(TARGETS) * model.config.num_hidden_layers
-    step_adapter_mb = sum(t.numel() for config, tensors in sets[:32] for t in tensors.values()) * 4 / 1e6
+    step_adapter_mb = sets_mb(sets[:32])
     del engine, model
     gc.collect()
     peft = None
@@ -379,11 +456,11 @@ def main() -> None:
     notes = [(f"{args.requests} requests per row, lengths in [{args.input_range[0]}, {args.input_range[1]}) (input) and "
               f"[{args.output_range[0]}, {args.output_range[1]}) (output), rate {args.rate} req/s (saturating), cv {args.cv}; "
               f"ranks {RANKS} round-robin on {'/'.join(TARGETS)}; pool {args.pool_gib} GiB; max {args.max_num_seqs} sequences per step; "
-              f"engine rows: best of {args.rounds} interleaved rounds, PEFT: one run.")]
+              f"engine rows: best of {args.rounds} interleaved rounds, decode-step rows: best of {args.step_rounds}, PEFT: one run.")]
     largest = max(counts)
     if (largest, alphas[0]) in results:
         ratio = results[(largest, alphas[0])]["req_s"] / one["req_s"]
-        notes.append(f"n={largest} vs n={counts[0]} (alpha={alphas[0]}): {ratio:.2f}x throughput (target >= 0.9).")
+        notes.append(f"n={largest} vs n={counts[0]} (alpha={alphas[0]}): {ratio:.2f}x throughput (target >= 0.95).")
     if peft is not None and (args.peft_adapters, alphas[0]) in results:
         ours = results[(args.peft_adapters, alphas[0])]
         tokens_per_output = (sum(args.input_range) + sum(args.output_range)) / sum(args.output_range)
@@ -394,18 +471,40 @@ def main() -> None:
                      f"= {needed:.0f} GFLOP/s, against this machine's fp32 matmul peak of {peak:.0f} GFLOP/s measured in this run "
                      f"at {args.threads} thread(s){': out of reach, since PEFT at batch ' + str(args.peft_batch) + ' is compute-bound too' if needed > peak else ''}.")
     base_step = steps["no adapter"]
-    step_table = markdown_table(["decode step, 32 sequences", "ms/step", "throughput vs no adapter", "share of matmul peak"],
-                                [[name, f"{t * 1000:.0f}", f"{base_step / t:.2f}",
-                                  f"{step_gflop / t / peak:.0%}" if name.startswith("no adapter") else ""] for name, t in steps.items()])
+    step_rows = [[name, f"{t * 1000:.0f}", f"{base_step / t:.2f}", f"{step_gflop / t / peak:.0%} of fp32"
+                  if name.startswith("no adapter") else ""] for name, t in steps.items()]
+    step_rows += [[name, f"{t * 1000:.0f}", "", f"{step_gflop / t / peak:.0%} of fp32 (ceiling)"] for name, t in ceilings.items()]
+    if bf16 is not None:
+        peak_bf16, bf16_times = bf16
+        step_rows += [[f"{name}, bf16 weights", f"{t * 1000:.0f}", f"{bf16_times['no adapter'] / t:.2f}" if "GEMMs" not in name else "",
+                       f"{step_gflop / t / peak_bf16:.0%} of bf16{' (ceiling)' if 'GEMMs' in name else ''}"
+                       if "GEMMs" in name or name == "no adapter" else ""] for name, t in bf16_times.items()]
+    step_table = markdown_table(["decode step, 32 sequences", "ms/step", "throughput vs no adapter", "share of matmul peak"], step_rows)
     notes.append(f"Batch 1 (one sequence decoding, no adapter, the runner's default, unfused): {single_step * 1000:.1f} ms per step, of which "
                  f"its GEMMs alone take {single_gemms * 1000:.1f} ms: {1 - single_gemms / single_step:.0%} of the step is outside the "
                  f"matmuls (norms, RoPE, KV writes, attention, scheduling, sampling); medians of 15 alternating rounds.")
     notes.append(f"Matmul peak measured in this run: {peak:.1f} GFLOP/s (fp32, 1024^3 GEMM, {args.threads} thread(s)); a no-adapter "
                  f"decode step of 32 sequences is {step_gflop:.1f} GFLOP (2 per weight per token + attention over ~40 keys).")
-    notes.append(f"Where the n=1000 gap is (second table): every distinct adapter's weights are read from memory once per "
-                 f"step; 32 distinct adapters here are {step_adapter_mb:.0f} MB of fp32 weights per decode step, next to "
-                 f"{weight_mb:.0f} MB of base weights, on a CPU with ~5-10 GB/s of memory bandwidth (a GPU reads the same bytes "
-                 f"in ~0.2 ms), plus {lora_calls} small matmul calls whose dispatch costs a few microseconds each.")
+    gemm_alone = next(iter(ceilings.values()))
+    notes.append(f"Ceiling of target 1: the step's base GEMMs alone, at their real shapes on 32 rows, take {gemm_alone * 1000:.0f} ms "
+                 f"= {step_gflop / gemm_alone / peak:.0%} of the fp32 peak: no decode step of this model can reach more with these "
+                 f"GEMMs on this CPU (small-M GEMMs whose weights stream from memory run below the 1024^3 peak); the no-adapter "
+                 f"step spends {1 - gemm_alone / base_step:.0%} of its time outside them.")
+    one_mb, t1, t32 = sets_mb(sets[:1]), steps["1 adapter (rank 8)"], steps["32 distinct"]
+    extra = (step_adapter_mb - one_mb) / 1e3 / bandwidth
+    notes.append(f"Ceiling of target 2: a decode step of 32 sequences with 32 distinct adapters reads {step_adapter_mb:.0f} MB of "
+                 f"fp32 adapter weights (vs {one_mb:.0f} MB with one rank-8 adapter, the n=1 trace's) next to {weight_mb:.0f} MB of "
+                 f"base weights. At this machine's one-thread read bandwidth, measured here at {bandwidth:.1f} GB/s, the extra "
+                 f"{step_adapter_mb - one_mb:.0f} MB cost at least {extra * 1000:.0f} ms, so the 32-distinct step is at best "
+                 f"{t1 / (t1 + extra):.2f}x the one-adapter step ({t1 * 1000:.0f} ms); measured {t1 / t32:.2f}x"
+                 + (f", i.e. the LoRA op reads them at {(step_adapter_mb - one_mb) / 1e3 / (t32 - t1):.1f} GB/s" if t32 > t1 + extra
+                    else " (within this run's noise of the bound)")
+                 + f" ({lora_calls} small matmul calls, one token each, each a few microseconds of dispatch with no memory traffic).")
+    if bf16 is not None:
+        b1, b32 = bf16_times["1 adapter (rank 8)"], bf16_times["32 distinct"]
+        notes.append(f"bf16 rows: the dense weights (and the pool, so adapters too) in bf16, against the bf16 matmul peak measured "
+                     f"here, {peak_bf16:.1f} GFLOP/s; adapter bytes halve, so the bandwidth bound on the 32-distinct step becomes "
+                     f"{b1 / (b1 + extra / 2):.2f}x of the one-adapter step ({b1 * 1000:.0f} ms); measured {b1 / b32:.2f}x.")
     notes.append(f"Load average (1 min) of this shared machine: {load_before} before, {load_average()} after; "
                  f"torch threads: {args.threads}.")
     for name, ops in profiles.items():

@@ -26,8 +26,11 @@ FORMATS = {
     "fp4": lambda w: Blockwise4bitWeight.from_dense(w, "fp4", 128, False),
     **{name: QUANTIZERS[name] for name in ("q4_0", "q4_1", "q8_0")},
 }
-INT4_KERNEL = {"int4-g32", "int4-g64", "int3-g128", "q4_0", "q4_1"}
-"""Formats whose weights are ``scale·q + min`` with q < 16: torch's int4 kernel takes them."""
+INT4_KERNEL = {"int4-g32", "int4-g64", "int3-g128", "q4_0", "q4_1", "int8-g64", "q8_0"}
+"""Formats whose weights are ``scale·q + min`` with q < 16, or q < 256 as two 4-bit parts: torch's int4 kernel
+takes them."""
+INT8_SPLIT = {"int8-g64", "q8_0"}
+"""Of those, the 8-bit formats: two 4-bit parts, and only in bf16 (``kernels.INT8_SPLIT_MAX_ROWS``)."""
 
 
 def _weight(name: str, out: int = OUT, in_features: int = IN):
@@ -92,12 +95,15 @@ def test_int4_kernel_is_packed_once_for_decode_and_never_for_training_sizes(name
     weight.matmul(torch.randn(2, many, IN, dtype=dtype))
     assert "_kernel_cache" not in weight.__dict__  # training-size inputs: no packed copy, no extra memory
     weight.matmul(torch.randn(1, IN, dtype=dtype))
+    takes_kernel = name in INT4_KERNEL and (name not in INT8_SPLIT or dtype == torch.bfloat16)
+    assert ("_kernel_cache" in weight.__dict__) == takes_kernel
+    if not takes_kernel:
+        return
     packed = weight._kernel_cache["int4pack"]
-    assert (packed is not None) == (name in INT4_KERNEL)
-    if packed is not None:
-        codes = packed.codes
-        weight.matmul(torch.randn(1, IN, dtype=dtype))
-        assert weight._kernel_cache["int4pack"].codes is codes  # packed once, reused
+    assert len(packed.codes) == (2 if name in INT8_SPLIT else 1)
+    codes = packed.codes
+    weight.matmul(torch.randn(1, IN, dtype=dtype))
+    assert weight._kernel_cache["int4pack"].codes is codes  # packed once, reused
 
 
 def test_shapes_the_kernels_cannot_take_fall_back_and_stay_right(small_tiles):
@@ -136,3 +142,25 @@ def test_summary_says_which_path_each_quantized_linear_takes():
     limit = kernels.INT4PACK_MAX_ROWS[torch.float32]
     assert quant_summary(int4)["matmul_paths"] == {
         f"torch int4 kernel up to {limit} tokens, tiled dequantize+matmul above": 14}
+
+
+@pytest.mark.parametrize("names", [("q4_1", "q4_1", "q4_1"), ("int4-g32", "int4-g32"), ("q8_0", "q8_0")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_pack_multiplies_by_its_weights_stacked(names, dtype):
+    """q/k/v-like weights of one input, of different out_features, packed as one: one kernel call per part gives
+    each weight's product against its dense reference (gguf-py's dequantization for GGUF blocks)."""
+    weights = [_weight(name, out) for name, out in zip(names, (48, 16, 32))]
+    packed = kernels.fused_int4pack(weights)
+    assert packed is not None and len(packed.codes) == (2 if names[0] in INT8_SPLIT else 1)
+    x = torch.randn(3, IN, dtype=dtype)
+    dense = torch.cat([_dense_reference(name, w) for name, w in zip(names, weights)])
+    expected = x.double() @ dense.T
+    y = packed.mm(x)
+    assert y.shape == (3, dense.shape[0]) and y.dtype == dtype
+    assert (y.double() - expected).abs().max() <= _tolerance(dtype, expected)
+
+
+def test_weights_the_kernel_takes_differently_are_not_fused():
+    assert kernels.fused_int4pack([_weight("q4_1"), _weight("q8_0")]) is None  # 4-bit and 8-bit codes
+    assert kernels.fused_int4pack([_weight("int4-g32"), _weight("int4-g64")]) is None  # group sizes
+    assert kernels.fused_int4pack([_weight("q4_1"), _weight("nf4-dq")]) is None  # NF4 has no packed kernel

@@ -83,3 +83,26 @@ def test_a_row_scale_rescales_the_unbiased_base_output(slots):
                 expected = bias + scales[slot] * (y0[t] - bias)
             expected = expected + b @ (a @ x[t])
         assert torch.allclose(y[t], expected, atol=1e-5), t
+
+
+def test_bf16_one_token_runs_skip_onednn_match_and_restore_it(monkeypatch):
+    """On CPU, bf16 runs of one token go through torch's own matmul (oneDNN off for them only), equal to the
+    reference at bf16 precision, and oneDNN's switch is back as it was afterwards."""
+    from loraforge.serve import lora_ops
+
+    switched = []
+    real = lora_ops._set_onednn
+    monkeypatch.setattr(lora_ops, "_set_onednn", lambda enabled: (switched.append(enabled), real(enabled)))
+    weights = [(a.bfloat16(), b.bfloat16()) for a, b in make_weights([8, 16, 4], 32, 24, seed=5)]
+    slots = torch.tensor([0, 1, 2, 2, 2, -1, 1])  # one-token runs of slots 0 and 1 (twice), a three-token run of 2
+    g = torch.Generator().manual_seed(5)
+    x, y0 = torch.randn(7, 32, generator=g).bfloat16(), torch.randn(7, 24, generator=g).bfloat16()
+    before = torch._C._get_mkldnn_enabled()
+    y = add_lora(y0.clone(), x, Segments.from_token_slots(slots), pairs(weights))
+    assert switched == [False, before]
+    assert torch._C._get_mkldnn_enabled() == before
+    expected = y0.float() + einsum_reference(x.float(), slots, [(a.float(), b.float()) for a, b in weights])
+    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-1)
+    switched.clear()
+    add_lora(y0.float(), x.float(), Segments.from_token_slots(slots), pairs([(a.float(), b.float()) for a, b in weights]))
+    assert switched == []  # fp32 keeps oneDNN everywhere

@@ -7,13 +7,14 @@ import pytest
 import torch
 from export.test_gguf_llama_cpp import RELATIVE_ERROR
 from gguf_helpers import agreement, llama_cpp_logits, model_on
+from references import require
 
 from loraforge.adapters import AdapterSpec, add_adapter, save_adapter
 from loraforge.cli.main import main
 from loraforge.config import Config, save_config
 from loraforge.export.gguf_writer import write_gguf
 from loraforge.models import ModelSourceError, tiny_tokenizer
-from loraforge.quant.base import QuantLinear
+from loraforge.quant.base import QuantEmbedding, QuantLinear
 from loraforge.quant.summary import quant_summary
 from loraforge.serve import Engine, Request
 from loraforge.serve.api import create_app
@@ -29,7 +30,17 @@ show in the logits (tests/export/test_gguf_llama_cpp.py)."""
 
 
 def formats(model) -> set[str]:
-    return {m.qweight.format for m in model.modules() if isinstance(m, QuantLinear)}
+    """Formats of the decoder's quantized linears (the output head is checked on its own: ``head_kept``)."""
+    return {m.qweight.format for m in model.modules() if isinstance(m, QuantLinear) and m is not model.lm_head}
+
+
+def head_kept(model, tied: bool) -> bool:
+    """Whether the served model multiplies by the file's own Q8_0 head blocks, a tied embedding looking up
+    rows of the very same weight (stored once)."""
+    head, embedding = model.lm_head, model.model.embed_tokens
+    if not (isinstance(head, QuantLinear) and head.qweight.format == "q8_0"):
+        return False
+    return (isinstance(embedding, QuantEmbedding) and embedding.qweight is head.qweight) if tied else True
 
 
 def served_tokens(engine, ids, adapter=None) -> list[int]:
@@ -46,9 +57,10 @@ def generated_tokens(model, ids) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def gguf_file(path, base: str):
-    """A tiny Llama written as a GGUF whose decoder linears are ``base`` blocks (Q8_0 embedding)."""
-    write_gguf(model_on(base, initializer_range=INIT_RANGE), tiny_tokenizer(), path, "auto")
+def gguf_file(path, base: str, tied: bool = False):
+    """A tiny Llama written as a GGUF whose decoder linears are ``base`` blocks (Q8_0 embedding and head; with
+    ``tied``, one Q8_0 ``token_embd`` serves as both, as in the default model)."""
+    write_gguf(model_on(base, initializer_range=INIT_RANGE, tie_word_embeddings=tied), tiny_tokenizer(), path, "auto")
     return path
 
 
@@ -89,16 +101,18 @@ def test_a_base_quantized_on_load_serves_its_own_greedy_tokens(quantization, fmt
     assert served_tokens(engine, ids) == expected_tokens
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["head", "tied"])
 @pytest.mark.parametrize("bf16_units", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("base", ["q4_1", "q8_0", "q4_0"])
-def test_a_gguf_keeps_its_blocks_and_serves_what_it_generates_and_what_llama_cpp_computes(base, bf16_units, tmp_path,
-                                                                                           monkeypatch):
-    """On the compute path of a CPU without bf16 units (fp32) and with them (bf16, the model held in bf16)."""
+def test_a_gguf_keeps_its_blocks_and_serves_what_it_generates_and_what_llama_cpp_computes(base, bf16_units, tied,
+                                                                                           tmp_path, monkeypatch):
+    """On the compute path of a CPU without bf16 units (fp32) and with them (bf16, the model held in bf16); with
+    an output head of its own, and tied to the embedding (the default model's layout)."""
     monkeypatch.setattr("loraforge.quant.quantize_model.bf16_supported", lambda device: bf16_units)
-    path = gguf_file(tmp_path / "m.gguf", base)
+    path = gguf_file(tmp_path / "m.gguf", base, tied)
     model, tokenizer = load_serving_base(str(path), "gguf")
-    assert formats(model) == {base}
-    assert model.model.embed_tokens.weight.dtype == (torch.bfloat16 if bf16_units else torch.float32)
+    assert formats(model) == {base} and head_kept(model, tied)
+    assert model.model.embed_tokens(torch.tensor([3])).dtype == (torch.bfloat16 if bf16_units else torch.float32)
     ids = tokenizer.encode(PROMPT)
     expected = generated_tokens(model, ids)
     ours = served_tokens(Engine(model, tokenizer, pool_bytes=1 << 23), ids)
@@ -131,7 +145,10 @@ def test_metrics_report_the_bytes_of_the_quantized_base(quantization, tokenizer,
         assert metric(server.url, "loraforge_base_model_bytes") == summary["total_bytes"]
         quantized = metric(server.url, "loraforge_base_quantized_bytes")
     linears = sum(m.weight.numel() for m in dense.modules() if isinstance(m, torch.nn.Linear) and m is not dense.lm_head)
-    assert quantized == summary["quantized_bytes"] and 4 * linears / 8 < quantized < 4 * linears / 6  # 4-5.3 bits
+    head = dense.lm_head.weight.numel() if quantization == "gguf" else 0  # the GGUF's Q8_0 head is kept: 8.5 bits
+    head_bytes = head * 34 // 32
+    assert quantized == summary["quantized_bytes"]
+    assert 4 * linears / 8 < quantized - head_bytes < 4 * linears / 6  # 4-5.3 bits
     assert summary["total_bytes"] < quant_summary(dense)["total_bytes"]
 
 
@@ -178,3 +195,22 @@ def test_chat_with_a_quantized_base_answers_as_its_model_generates(tokenizer, ca
     assert main(["chat", "--model", "tiny-llama", "--quantization", "int4", "--prompt", "hi", "--max-new-tokens", "8",
                  "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip() == expected
+
+
+@pytest.mark.parametrize("bf16_units", [False, True], ids=["fp32", "bf16"])
+def test_a_tied_q8_0_embedding_looks_up_the_files_own_rows(bf16_units, tmp_path, monkeypatch):
+    """The served embedding (``QuantEmbedding``) returns gguf-py's dequantization of ``token_embd``'s rows, exactly
+    (then rounded to bf16 on the bf16 path), and the head multiplies by the same values."""
+    gguf = require("gguf")
+    monkeypatch.setattr("loraforge.quant.quantize_model.bf16_supported", lambda device: bf16_units)
+    path = gguf_file(tmp_path / "m.gguf", "q4_1", tied=True)
+    model, _ = load_serving_base(str(path), "gguf")
+    [tensor] = [t for t in gguf.GGUFReader(str(path)).tensors if t.name == "token_embd.weight"]
+    table = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())  # (vocab, hidden) fp32
+    dtype = torch.bfloat16 if bf16_units else torch.float32
+    ids = torch.tensor([[5, 0, 255, 5], [17, 3, 2, 1]])
+    assert torch.equal(model.model.embed_tokens(ids), table[ids].to(dtype))
+    hidden = torch.randn(2, table.shape[1]).to(dtype)
+    expected = hidden.double() @ table.double().T
+    tolerance = (1e-5 if dtype == torch.float32 else 2e-2) * expected.abs().max().item()
+    assert (model.lm_head(hidden).double() - expected).abs().max() <= tolerance

@@ -5,7 +5,7 @@ import torch
 
 from loraforge.models import tiny_model
 from loraforge.serve import Engine, Request
-from loraforge.serve.runner import ModelRunner
+from loraforge.serve.runner import FusedQuantLinear, ModelRunner
 
 from .helpers import greedy, hf_logits, step_logits
 
@@ -45,6 +45,27 @@ def test_batched_paged_decode_equals_hf_greedy(family, overrides, tokenizer):
         assert out.token_ids == ref[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.parametrize(("family", "overrides"), FAMILIES, ids=IDS)
+def test_one_sequence_decoding_alone_equals_hf_greedy(family, overrides, tokenizer):
+    """A lone decoding sequence takes the runner's sliced-keys path (no mask; the window applied by slicing)."""
+    model = tiny_model(family, **overrides)
+    engine = Engine(model, tokenizer, max_rank=16, pool_bytes=1 << 22)
+    lone_steps = []
+    original = engine.runner._attention
+
+    def recording_attention(*args):
+        lone_steps.append(args[-1] is not None)
+        return original(*args)
+
+    engine.runner._attention = recording_attention
+    prompt = "The quick brown fox jumps over the lazy dog, twice."
+    [out] = engine.generate([Request(prompt, greedy(max_tokens=30))])
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    ref = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=256)
+    assert out.token_ids == ref[0, ids.shape[1]:].tolist()
+    assert sum(lone_steps) == 29 * model.config.num_hidden_layers  # every decode step after the prefill
+
+
 def test_decode_logits_equal_hf_forward():
     """The logits a decode step samples from (paged KV, one token) equal HF's on the whole sequence."""
     model = tiny_model("tiny-qwen2")
@@ -78,7 +99,47 @@ def test_quantized_base_runs_through_its_own_modules(quant):
     ids = torch.randint(0, 256, (21,), generator=torch.Generator().manual_seed(0)).tolist()
     [ours] = step_logits(engine, [(ids, None)])
     torch.testing.assert_close(ours, hf_logits(model, ids), atol=2e-5, rtol=1e-4)
-    assert not any(engine.runner.fused_qkv) and not any(engine.runner.fused_gate_up)  # quantized: each module runs alone
+    # NF4 has no packed kernel, so its modules run alone; INT4's decode steps run fused (next test)
+    assert all(isinstance(f, FusedQuantLinear) if quant == "int" else f is None for f in engine.runner.fused_qkv)
+
+
+def _decode_logits(engine, prompt: list[int], steps: int) -> list[torch.Tensor]:
+    """The logits of each of a greedy request's decode steps (one token, paged KV)."""
+    seen, original = [], engine.runner.forward
+
+    def recording_forward(batch, kv):
+        logits = original(batch, kv)
+        if batch.decode_rows.numel():
+            seen.append(logits[0])
+        return logits
+
+    engine.runner.forward = recording_forward
+    engine.generate([Request(prompt, greedy(max_tokens=steps + 1))])
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_projections_decode_as_packed_kernel_calls_fused_or_alone(dtype):
+    """INT4 q/k/v (with Qwen2's biases) and gate/up run as one int4-kernel call per group on decode steps, and
+    o/down as one call each without QuantLinear's checks: the logits equal those of every layer run alone,
+    and the fused packs are the only packed copies made (no layer packs itself)."""
+    from loraforge.quant.quantize_model import quantize_model
+
+    model = quantize_model(tiny_model("tiny-qwen2").to(dtype), type="int", bits=4, block_size=32, compute_dtype=dtype)
+    fused = Engine(model, max_rank=16, pool_bytes=1 << 22)
+    prompt = list(range(40, 61))
+    got = _decode_logits(fused, prompt, 6)
+    for layer in fused.runner.layers:
+        for module in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            assert "_kernel_cache" not in module.qweight.__dict__
+    assert all(isinstance(f, FusedQuantLinear) for f in [*fused.runner.fused_qkv, *fused.runner.fused_down])
+    alone = Engine(model, max_rank=16, pool_bytes=1 << 22)
+    alone.runner = ModelRunner(model, fuse_quantized=False)
+    expected = _decode_logits(alone, prompt, 6)
+    assert len(got) == len(expected) == 6
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+    assert "_kernel_cache" in model.model.layers[0].self_attn.q_proj.qweight.__dict__  # alone, each layer packs itself
 
 
 def test_dense_qkv_and_gate_up_run_as_one_gemm_over_the_modules_own_memory():

@@ -10,9 +10,9 @@ Every decoder linear becomes a ``QuantLinear`` holding the file's own bytes:
 llama.cpp stores the rows of ``attn_q`` and ``attn_k`` in its RoPE order; since a block lies inside
 one row, undoing that permutation moves whole rows of blocks and changes no byte of any block
 (:func:`rope_row_order`). The embedding and norms are dense (a quantized embedding is dequantized
-with our codecs). The config is built from the file's metadata here (transformers' own GGUF config
-path parses the whole file again, ~10 s for the default model); the tokenizer comes from transformers'
-GGUF tokenizer converter (``PreTrainedTokenizerFast.from_pretrained(..., gguf_file=...)``).
+with our codecs), except that inference may keep a quantized output head as it is (``quantized_head``).
+The config is built from the file's metadata here (transformers' own GGUF config path parses the
+whole file again, ~10 s for the default model); the tokenizer comes from transformers' GGUF tokenizer converter (``PreTrainedTokenizerFast.from_pretrained(..., gguf_file=...)``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from loraforge.models.gguf_file import GGUFFile
-from loraforge.quant.base import QuantLinear
+from loraforge.quant.base import QuantEmbedding, QuantLinear
 from loraforge.quant.gguf_blocks import BLOCK_FORMATS
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -137,12 +137,16 @@ def read_field(reader, key: str, default=None):
     return field.contents()
 
 
-def load_gguf_native(path: str | os.PathLike, compute_dtype: torch.dtype = torch.float32):
+def load_gguf_native(path: str | os.PathLike, compute_dtype: torch.dtype = torch.float32, quantized_head: bool = False):
     """Load a Llama-family GGUF into ``(model, tokenizer)`` with the file's quantized blocks kept bit-exact.
 
     Args:
         path: a ``.gguf`` file whose ``general.architecture`` is in :data:`ARCHITECTURES`.
         compute_dtype: matmul dtype of the quantized linears, and the dtype of every dense tensor.
+        quantized_head: keep the output head's blocks too (``output``, or a tied ``token_embd``) where the
+            file stores them in a block format (the default model's tied head is Q8_0): the head becomes a
+            ``QuantLinear`` and a tied embedding a ``QuantEmbedding`` of the same weight, stored once. For
+            inference only (``serve``/``chat``): training, export and merging expect a dense embedding.
 
     Returns:
         The model in eval mode (its ``loraforge_gguf_path`` attribute names the file) and the tokenizer
@@ -164,8 +168,8 @@ def load_gguf_native(path: str | os.PathLike, compute_dtype: torch.dtype = torch
         raise GGUFError(f"{path}: can't build the tokenizer from its metadata ({err})") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-    _fill(model, reader, read_field(reader, "general.architecture"), compute_dtype, path)
-    if config.tie_word_embeddings:
+    _fill(model, reader, read_field(reader, "general.architecture"), compute_dtype, path, quantized_head)
+    if config.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear):
         model.tie_weights()
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -223,8 +227,9 @@ def config_from_metadata(reader, path: Path):
     return LlamaConfig(**fields, attention_bias="blk.0.attn_q.bias" in tensor_names)
 
 
-def _fill(model: nn.Module, reader, arch: str, dtype: torch.dtype, path: Path) -> None:
-    """Put each GGUF tensor in its module: block formats as QuantLinear, the rest dense."""
+def _fill(model: nn.Module, reader, arch: str, dtype: torch.dtype, path: Path, quantized_head: bool = False) -> None:
+    """Put each GGUF tensor in its module: block formats as QuantLinear, the rest dense (see
+    :func:`load_gguf_native` for ``quantized_head``)."""
     config = model.config
     dequantized: dict[str, list[str]] = {}
     biases = {}
@@ -241,11 +246,17 @@ def _fill(model: nn.Module, reader, arch: str, dtype: torch.dtype, path: Path) -
         module = model.get_submodule(module_path)
         if kind == "bias":
             biases[module_path] = dense_values(raw, tensor.name, type_name, shape, dtype, rows, path)
-        elif isinstance(module, nn.Linear) and module_path != "lm_head" and type_name.lower() in BLOCK_FORMATS:
+        elif (isinstance(module, nn.Linear) and (module_path != "lm_head" or quantized_head)
+              and type_name.lower() in BLOCK_FORMATS):
             weight = BLOCK_FORMATS[type_name.lower()].from_gguf_bytes(raw, shape)
             if rows is not None:
                 weight = weight.select_rows(rows)
             model.set_submodule(module_path, QuantLinear(weight, None, dtype))
+        elif (quantized_head and module_path == "model.embed_tokens" and config.tie_word_embeddings
+              and type_name.lower() in BLOCK_FORMATS):
+            weight = BLOCK_FORMATS[type_name.lower()].from_gguf_bytes(raw, shape)
+            model.set_submodule(module_path, QuantEmbedding(weight, dtype))
+            model.set_submodule("lm_head", QuantLinear(weight, None, dtype))
         else:
             if type_name not in DENSE_TYPES and type_name.lower() not in BLOCK_FORMATS:
                 dequantized.setdefault(type_name, []).append(tensor.name)

@@ -58,10 +58,24 @@ def quantized_matmul(weight: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
     Shapes: ``x`` ``(..., in_features)`` -> ``(..., out_features)``. Gradients flow to ``x`` (and to
     anything upstream, such as a LoRA adapter), never to ``weight``.
     """
-    return _QuantizedLinear.apply(x, weight)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _QuantizedLinear.apply(x, weight)
+    return kernels.linear(weight, x)  # nothing to differentiate: the same product, without autograd's overhead
 
 
-class QuantLinear(nn.Module):
+class _MovesOnly(nn.Module):
+    """A module of quantized tensors that follows device moves but not dtype casts: ``model.to(torch.bfloat16)``
+    or ``model.half()`` must not round the quantization constants (nor a bias kept in the compute dtype)."""
+
+    def _apply(self, fn, recurse=True):
+        def move_only(tensor: torch.Tensor) -> torch.Tensor:
+            moved = fn(tensor)
+            return moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+
+        return super()._apply(move_only, recurse)
+
+
+class QuantLinear(_MovesOnly):
     """A frozen linear layer whose weight is stored quantized; ``compute_dtype`` is the matmul dtype.
 
     Shapes: input ``(..., in_features)`` -> output ``(..., out_features)``.
@@ -77,27 +91,39 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.qweight.dequantize(dtype or self.compute_dtype)
 
-    def _apply(self, fn, recurse=True):
-        """Follow device moves but not dtype casts: ``model.to(torch.bfloat16)`` or ``model.half()`` must
-        not round the fp32 quantization constants, and the bias stays in ``compute_dtype``."""
-
-        def move_only(tensor: torch.Tensor) -> torch.Tensor:
-            moved = fn(tensor)
-            return moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
-
-        return super()._apply(move_only, recurse)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.qweight.matmul(x.to(self.compute_dtype))
+        out = self.qweight.matmul(x if x.dtype == self.compute_dtype else x.to(self.compute_dtype))
         if self.bias is not None:
             out = out + self.bias
-        return out.to(x.dtype)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"format={self.qweight.format}, compute_dtype={self.compute_dtype}"
         )
+
+
+class QuantEmbedding(_MovesOnly):
+    """A frozen embedding table stored quantized, one row per token: a lookup dequantizes only the rows it
+    gathers, in ``dtype``. A tied output head is a ``QuantLinear`` of the same ``weight`` (stored once).
+
+    ``weight`` must offer ``select_rows(index)`` (a weight of the gathered rows, no value changed), as the
+    GGUF block formats do. Shapes: ids ``(...)`` -> ``(..., embedding_dim)``.
+    """
+
+    def __init__(self, weight: QuantizedWeight, dtype: torch.dtype):
+        super().__init__()
+        self.qweight = weight
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight.select_rows(ids.reshape(-1)).dequantize(self.dtype)
+        return rows.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.qweight.format}, dtype={self.dtype}"
 
 
 def dense_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -108,10 +108,14 @@ def _codebook(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 @cache
 def _byte_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """``(256, 2)`` fp32: the two code values (high nibble, low nibble) that each packed byte holds."""
+    """``(256,)`` int64 on ``device``: for each packed byte, the fp32 pair (high-nibble value, low-nibble value) it
+    decodes to, its 8 bytes seen as one int64. A 1-D gather of 8-byte elements decodes two weights per byte
+    with no nibble unpacking; on CPU it takes about half the time of gathering the rows of a ``(256, 2)`` fp32
+    table."""
     values = _codebook(quant_type)[0]
     byte = torch.arange(256)
-    return torch.stack([values[byte >> 4], values[byte & 0xF]], dim=1).to(device)
+    pairs = torch.stack([values[byte >> 4], values[byte & 0xF]], dim=1).contiguous()
+    return pairs.view(torch.int64).view(256).to(device)
 
 
 def _check_format(quant_type: str, block_size: int) -> None:
@@ -184,8 +188,8 @@ def dequantize_4bit(
     Returns:
         A ``shape`` tensor of ``dtype`` on ``packed``'s device.
     """
-    table = _byte_table(quant_type, packed.device)
-    values = table.index_select(0, packed.reshape(-1).to(torch.int32)).view(-1, block_size)
+    pairs = _byte_table(quant_type, packed.device).index_select(0, packed.to(torch.int32).reshape(-1))
+    values = pairs.view(torch.float32).view(-1, block_size)
     values.mul_(absmax.reshape(-1, 1))
     return values.view(shape).to(dtype)
 

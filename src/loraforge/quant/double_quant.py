@@ -91,10 +91,12 @@ def dequantize_blockwise_8bit(
     codes: torch.Tensor, absmax: torch.Tensor, block_size: int = NESTED_BLOCK_SIZE
 ) -> torch.Tensor:
     """Inverse of ``quantize_blockwise_8bit``: ``(n,)`` uint8 codes -> ``(n,)`` fp32 values."""
-    n = codes.numel()
-    values = dynamic_map(codes.device)[codes.long()]
-    scale = absmax.repeat_interleave(block_size)[:n]
-    return values * scale
+    values = dynamic_map(codes.device).index_select(0, codes.to(torch.int32).reshape(-1))
+    full = values.numel() // block_size * block_size  # blocks of block_size, then a shorter last one
+    values[:full].view(-1, block_size).mul_(absmax[: full // block_size, None])
+    if full < values.numel():
+        values[full:].mul_(absmax[-1])
+    return values
 
 
 def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,4 +111,4 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 def double_dequantize(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Inverse of ``double_quantize``: the ``(n,)`` fp32 absmax, rounded through 8 bits."""
-    return dequantize_blockwise_8bit(codes, nested_absmax) + offset
+    return dequantize_blockwise_8bit(codes, nested_absmax).add_(offset)

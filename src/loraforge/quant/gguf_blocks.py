@@ -167,8 +167,8 @@ class Q4_0Weight(GGUFBlockWeight):
         return Q4_1Weight(d=self.d, m=(self.d.float() * -8).half(), qs=self.qs)
 
     def _block_values(self, d: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
-        q = unpack_nibbles(qs).to(torch.int8) - 8
-        return d.float()[..., None] * q.float()
+        q = unpack_nibbles(qs).view(torch.int8).sub_(8)  # codes < 16, so the int8 view is exact
+        return torch.mul(d.float()[..., None], q)  # int8 -> fp32 inside the multiply: one pass, one buffer
 
     def int4_affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """``(codes, scale, min, 32)`` with ``w = scale·q + min`` for ``kernels``: scale d, min −8d."""
@@ -189,7 +189,8 @@ class Q4_1Weight(GGUFBlockWeight):
         return unpack_nibbles(self.qs).reshape(self.shape)
 
     def _block_values(self, d: torch.Tensor, m: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
-        return d.float()[..., None] * unpack_nibbles(qs).float() + m.float()[..., None]
+        w = torch.mul(d.float()[..., None], unpack_nibbles(qs))  # uint8 -> fp32 inside the multiply
+        return w.add_(m.float()[..., None])  # then + m, rounded separately as ggml does (no fused multiply-add)
 
     def int4_affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """``(codes, scale, min, 32)`` with ``w = scale·q + min`` for ``kernels``: scale d, min m."""

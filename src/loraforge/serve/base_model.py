@@ -68,7 +68,26 @@ def load_serving_base(source: str, quantization: str = "auto", device: torch.dev
     from loraforge.models.prepare import load_base
 
     device = device or torch.device("cpu")
-    return load_base(serving_model_config(source, quantization, device), device)
+    config = serving_model_config(source, quantization, device)
+    if config.quantization is not None and config.quantization.type == "gguf":
+        return _load_gguf_for_inference(config, device)
+    return load_base(config, device)
+
+
+def _load_gguf_for_inference(config: ModelConfig, device: torch.device):
+    """``load_base``'s GGUF path (same file, compute dtype and checks), with the output head's blocks kept too
+    (``load_gguf_native(quantized_head=True)``): the default model's tied Q8_0 head then reads half the
+    bytes of a dense bf16 one per decoded token, through torch's int4 kernel (``quant.kernels``). Training
+    and export keep the dense head (``load_base``), which they merge and write."""
+    from loraforge.models.gguf_native import load_gguf_native
+    from loraforge.models.kind import CAUSAL_LM, set_kind
+    from loraforge.models.sources import default_gguf_path
+    from loraforge.quant.quantize_model import COMPUTE_DTYPES, resolve_compute_dtype
+
+    compute = resolve_compute_dtype(COMPUTE_DTYPES[config.quantization.compute_dtype], device)
+    path = default_gguf_path() if config.source == "default" else Path(config.source).expanduser()
+    model, tokenizer = load_gguf_native(path, compute, quantized_head=True)
+    return set_kind(model, CAUSAL_LM).to(device), tokenizer
 
 
 def _compute_dtype(device: torch.device | None) -> str:

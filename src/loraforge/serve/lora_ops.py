@@ -8,6 +8,10 @@ with the scaling already folded in. A slot may also carry a per-row scale ``m`` 
 nothing is padded to a maximum rank: tokens are grouped into runs of one slot (segments), and each run costs two matmuls at its
 adapter's own rank (SGMV's segment formulation, done with torch ops on CPU).
 
+On a CPU, one-token runs in bf16/fp16 (decoding sequences, one per adapter) skip oneDNN: its per-call
+cost on such tiny matmuls (~20 us) is several times torch's own kernel's, which measured ~1.6x faster
+per 32-adapter bf16 decode step (``_without_onednn``; runs of many tokens keep oneDNN, faster there).
+
 The engine lays tokens out grouped by adapter, so its segments need no permutation. The boundary of
 ``add_lora`` (input, output, segment starts and slots, per-slot weight views) is the one a Triton
 SGMV/BGMV kernel would take; this package has none yet because no GPU was available to test one.
@@ -15,7 +19,8 @@ SGMV/BGMV kernel would take; this package has none yet because no GPU was availa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,12 +114,47 @@ def _segment_matmuls(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor, seg
     xs, outs = x.split(segments.split_sizes), out.split(segments.split_sizes)
     scaled_rows = any(pair is not None and pair[2] is not None for pair in weights)  # DoRA's; most batches have none
     bases = base.split(segments.split_sizes) if scaled_rows else None
-    for chunk, slot in segments.chunk_slots:
+    single_skip_onednn = x.device.type == "cpu" and x.dtype in ONEDNN_SLOW_DTYPES and _set_onednn is not None
+    single: list[tuple[int, LoraPair]] = []
+    for (start, end, _), (chunk, slot) in zip(segments.runs, segments.chunk_slots):
         pair = weights[slot]
         if pair is None:
             continue
-        a_t, b_t, row_scale = pair
-        if row_scale is not None:
-            unbiased = bases[chunk] if bias is None else bases[chunk] - bias
-            outs[chunk].add_(unbiased * (row_scale - 1))
-        outs[chunk].addmm_(torch.mm(xs[chunk], a_t), b_t)
+        if single_skip_onednn and end - start == 1:
+            single.append((chunk, pair))
+            continue
+        _run_matmuls(outs[chunk], xs[chunk], bases[chunk] if scaled_rows else None, pair, bias)
+    if single:
+        with _without_onednn():
+            for chunk, pair in single:
+                _run_matmuls(outs[chunk], xs[chunk], bases[chunk] if scaled_rows else None, pair, bias)
+
+
+def _run_matmuls(out: torch.Tensor, x: torch.Tensor, base: torch.Tensor | None, pair: LoraPair,
+                 bias: torch.Tensor | None) -> None:
+    """One run's update: ``out += x A.T B.T``, after DoRA's rescaling of the unbiased ``base`` if any."""
+    a_t, b_t, row_scale = pair
+    if row_scale is not None:
+        unbiased = base if bias is None else base - bias
+        out.add_(unbiased * (row_scale - 1))
+    out.addmm_(torch.mm(x, a_t), b_t)
+
+
+ONEDNN_SLOW_DTYPES = (torch.bfloat16, torch.float16)
+"""CPU dtypes whose one-token LoRA matmuls run without oneDNN (see the module docstring)."""
+
+_set_onednn = getattr(torch._C, "_set_mkldnn_enabled", None)
+"""torch's switch of oneDNN for CPU ops (``torch.backends.mkldnn.flags`` sets it, with other flags and a
+warning each time); when a torch lacks it, every run keeps oneDNN."""
+
+
+@contextlib.contextmanager
+def _without_onednn() -> Iterator[None]:
+    """CPU matmuls inside skip oneDNN. The switch is process-wide: the engine runs its steps on one thread,
+    and a matmul another thread runs meanwhile would skip oneDNN too (slower, the same result up to rounding)."""
+    enabled = torch._C._get_mkldnn_enabled()
+    _set_onednn(False)
+    try:
+        yield
+    finally:
+        _set_onednn(enabled)
