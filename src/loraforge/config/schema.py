@@ -242,8 +242,8 @@ class TrainConfig:
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
     cpu_allocator: CpuAllocator = setting("fast", "CPU runs only: fast (glibc's default: freed activations stay in "
                                                   "the heap for reuse) | compact (every block of 128 KiB or more "
-                                                  "goes back to the OS when freed: a lower peak RSS, slower steps; "
-                                                  "see BENCHMARKS.md).")
+                                                  "goes back to the OS when freed, and the heap is trimmed after "
+                                                  "each step: a lower peak RSS, slower steps; see BENCHMARKS.md).")
     logging_steps: int = setting(1, "Log metrics every N optimizer steps.", gt=0)
     eval_steps: int | None = setting(None, "Evaluate every N steps; null = only at the end (if there is eval data).",
                                      gt=0)

@@ -478,8 +478,11 @@ class _Loop:
         if self.hook is not None:
             self.hook.after_optimizer_step(self.state.step)  # reads this step's gradients
         self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cpu":
-            release_free_memory()  # the step's freed activations, else glibc keeps them and the peak creeps up
+        if self.device.type == "cpu" and self.config.train.cpu_allocator == "compact":
+            # the step's freed small blocks too. Not with `fast`: the next step would fault every page back in
+            # (~10% of a default-model step, BENCHMARKS.md), and the peak no longer creeps without it now
+            # that quantized layers leave no dense copy (kernels.py tiles)
+            release_free_memory()
         return total, None if self.hook is None else penalty_total, tokens
 
     def _diverged(self, loss: float) -> TrainingError:
