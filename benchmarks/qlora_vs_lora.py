@@ -8,9 +8,10 @@ Variants, each in its own subprocess (so peak RSS is its own), same model, batch
 - ``qalora-q4_1``: QA-LoRA on GGUF Q4_1 blocks (INT4 group 32 converted to Q4_1 without loss), fp32 compute;
 - ``bnb-peft``: transformers ``BitsAndBytesConfig`` NF4 + DQ, PEFT LoRA (bitsandbytes' CPU path).
 
-The loraforge variants give freed memory back to the OS after each step, as loraforge's trainer does on
-CPU (``utils.memory.release_free_memory``); the step time includes it. bnb-peft runs as transformers +
-PEFT users run it, without. ``--keep-freed-memory`` runs the loraforge variants without it too.
+Every variant keeps freed memory in the heap between steps, as loraforge's trainer does by default
+(``train.cpu_allocator: fast``) and as transformers + PEFT do. ``--trim-each-step`` gives it back to the OS after
+each step in the loraforge variants (``utils.memory.release_free_memory``, what ``cpu_allocator: compact``
+adds), the step time including it.
 
 A loraforge variant with the suffix ``:dequantize`` (``qlora:dequantize``) runs the quantized layers as they
 ran before ``quant/kernels.py``: the whole layer dequantized per call, then ``F.linear``; side by side with
@@ -195,8 +196,8 @@ def worker(args) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if variant != "bnb-peft" and not args.keep_freed_memory:
-            release_free_memory()  # as loraforge's trainer does after each step on CPU
+        if variant != "bnb-peft" and args.trim_each_step:
+            release_free_memory()  # as loraforge's trainer does after each step with cpu_allocator: compact
         losses.append(loss.item())
 
     for index in range(args.steps):
@@ -238,8 +239,8 @@ def main() -> None:
     parser.add_argument("--lock", action="append", default=[],
                         help="a file to flock around each variant's run (a machine shared with other timings); "
                              "repeatable, taken in the order given")
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="loraforge variants skip release_free_memory after each step (as bnb-peft does)")
+    parser.add_argument("--trim-each-step", action="store_true",
+                        help="loraforge variants call release_free_memory after each step (cpu_allocator: compact)")
     parser.add_argument("--dry-run", action="store_true", help="print the table, don't append it to BENCHMARKS.md")
     parser.add_argument("--worker", choices=[*VARIANTS, *(v + OLD_PATH for v in VARIANTS if v not in ("lora", "bnb-peft"))])
     args = parser.parse_args()
@@ -274,7 +275,7 @@ def main() -> None:
     (print if args.dry_run else append_result)(
         f"QLoRA vs LoRA on CPU ({args.model}, LoRA r=16 all-linear, batch {args.batch}×{args.seq}, "
         f"{args.steps} steps, {args.threads} threads, {args.rounds} round{'s' * (args.rounds > 1)}"
-        f"{', freed memory kept (no malloc_trim per step)' if args.keep_freed_memory else ''})",
+        f"{', malloc_trim after each loraforge step' if args.trim_each_step else ''})",
         markdown_table(["variant", "step s", "step ratio", "load peak RSS GB", "training peak RSS GB",
                         "training RSS ratio", "decoder-linear MiB",
                         "linear bytes / bf16", "first loss", "step s per round (load average at its start)"], rows),
