@@ -78,7 +78,7 @@ def main(plan_path: str, result_path: str) -> int:
         finally:
             server.send_signal(signal.SIGINT)
             try:
-                result["server_exit"] = server.wait(60)
+                result["server_exit"] = server.wait(120)  # the server bounds its own shutdown at 2 x 25 s
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
                 result["server_exit"] = "killed"

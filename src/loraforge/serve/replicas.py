@@ -390,9 +390,10 @@ def build_application(settings: ReplicaSettings, replicas: int, *, api_key: str 
         num_gpus = 1 if torch.cuda.is_available() and settings.device != "cpu" else 0
     engines = serve.deployment(EngineReplica, name="EngineReplica", num_replicas=replicas,
                                max_ongoing_requests=max(settings.max_num_seqs, 8),
+                               graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
                                ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus})
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", max_ongoing_requests=10_000,
-                               ray_actor_options={"num_cpus": 0})
+                               graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S, ray_actor_options={"num_cpus": 0})
     return ingress.bind(engines.bind(settings), settings, api_key, metrics_public, adapter_affinity)
 
 
@@ -458,7 +459,35 @@ def run_replicas(
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        _shut_down(serve)
+
+
+GRACEFUL_SHUTDOWN_S = 10.0
+"""After Ctrl-C, how long a replica may spend finishing the requests it holds before Serve stops it (Ray's
+default is 20 s)."""
+
+SHUTDOWN_STEP_TIMEOUT_S = 25.0
+"""How long each of Ray Serve's and Ray's shutdowns may take after Ctrl-C/SIGTERM before the server exits anyway."""
+
+
+def _shut_down(serve) -> None:
+    """``serve.shutdown()`` (replicas finish their requests), then ``ray.shutdown()`` (the local cluster this process
+    started, if it did), each given ``SHUTDOWN_STEP_TIMEOUT_S`` in a thread. If either doesn't return in time (seen
+    once: Serve's shutdown never returned on a loaded machine), the process logs which and exits with status 1
+    at once, so that Ctrl-C always stops the server."""
+    import ray
+
+    stuck = []
+    for name, step in (("Ray Serve", serve.shutdown), ("Ray", ray.shutdown)):
+        worker = threading.Thread(target=step, name=f"{name} shutdown", daemon=True)
+        worker.start()
+        worker.join(SHUTDOWN_STEP_TIMEOUT_S)
+        if worker.is_alive():
+            stuck.append(name)
+            log.error("%s's shutdown did not return within %.0f s", name, SHUTDOWN_STEP_TIMEOUT_S)
+    if stuck:
+        logging.shutdown()
+        os._exit(1)
 
 
 def _interrupt(_signum, _frame):
