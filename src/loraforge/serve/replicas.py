@@ -452,7 +452,10 @@ def run_replicas(
                    num_cpus=settings.threads or 1)
     log.info("serving %s with %d adapters on %d replicas on http://%s:%d", settings.model_name, len(paths), replicas,
              host, port)
-    signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C
+    # SIGTERM stops it as Ctrl-C does; SIGINT is set explicitly (as uvicorn does for `serve`) because Python keeps
+    # an inherited SIG_IGN, which every job a non-interactive shell starts with `&` inherits
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         while True:
             time.sleep(3600)
