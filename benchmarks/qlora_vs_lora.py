@@ -21,6 +21,12 @@ ISA-limiting environment variables set (``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INS
 ``ATEN_CPU_CAPABILITY``: how a CPU without bf16 units is emulated on one with them) and, per run, torch's CPU
 capability and the bf16/fp32 time ratio of a 1024² matmul, which shows whether the emulation took effect.
 
+Each step is a forward, backward and AdamW step on a batch of random tokens with labels on every position. The
+loraforge variants compute the loss as loraforge's trainer does (``train.loss.summed_token_loss``), bnb-peft as
+transformers does (``model(labels=...).loss``): each tool's training step as its users run it. ``--baseline SRC``
+adds every loraforge variant once more on the package under SRC (the code before a change), interleaved, for a
+before/after in one run.
+
 On a shared machine, ``--rounds N`` runs every variant N times, interleaved, and keeps each variant's fastest
 round (the table lists every round with the load average at its start); ``--lock FILE`` (repeatable) holds an
 flock on FILE around each variant's run, so that other timings never overlap one; ``--dry-run`` prints without
@@ -29,7 +35,7 @@ recording.
 Models: the default model, and a random-initialised ~1.1B Llama (TinyLlama's shape) with ``--model 1b``.
 
     python benchmarks/qlora_vs_lora.py [--model default|1b] [--steps 6] [--seq 256] [--batch 4] [--profile]
-        [--rounds 1] [--lock FILE] [--dry-run]
+        [--rounds 1] [--lock FILE] [--baseline SRC] [--dry-run]
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from loraforge.utils.memory import release_free_memory
 
 VARIANTS = ("lora", "qlora", "qlora-bf16", "qalora-int4", "qalora-q4_1", "bnb-peft")
 OLD_PATH = ":dequantize"
+BASELINE = "@baseline"
 ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
@@ -142,7 +149,8 @@ def top_ops(step, rows: int = 12) -> list[list]:
 def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    variant, old_path = args.worker.removesuffix(OLD_PATH), args.worker.endswith(OLD_PATH)
+    name = args.worker.removesuffix(BASELINE)  # PYTHONPATH already points at the baseline's source
+    variant, old_path = name.removesuffix(OLD_PATH), name.endswith(OLD_PATH)
     if old_path:
         use_dequantize_per_call()
     if variant == "bnb-peft":
@@ -192,7 +200,13 @@ def worker(args) -> dict:
 
     def step(index: int) -> None:
         ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(index))
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        if variant == "bnb-peft":  # as transformers + PEFT compute the loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        else:  # as loraforge's trainer does (train.run), labels on every position
+            from loraforge.train.loss import summed_token_loss
+
+            total, count = summed_token_loss(model, {"input_ids": ids, "labels": ids})
+            loss = total / count
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -200,13 +214,16 @@ def worker(args) -> dict:
             release_free_memory()  # as loraforge's trainer does after each step with cpu_allocator: compact
         losses.append(loss.item())
 
+    faults = []
     for index in range(args.steps):
-        start = time.perf_counter()
+        start, faults_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step(index)
         times.append(time.perf_counter() - start)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
     peak = peak_rss_gb()
-    profile = top_ops(lambda: step(args.steps)) if args.profile else None
-    return {"step_s": statistics.median(times[1:]), "peak_rss_gb": peak, "load_peak_rss_gb": load_peak,
+    profile = top_ops(lambda: step(args.steps), args.profile_rows) if args.profile else None
+    return {"step_s": statistics.median(times[1:]), "faults_per_step": statistics.median(faults[1:]),
+            "peak_rss_gb": peak, "load_peak_rss_gb": load_peak,
             "linear_bytes": now, "linear_bytes_bf16": bf16, "first_loss": losses[0], "profile": profile,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_matmul_ratio": bf16_matmul_ratio()}
 
@@ -234,6 +251,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--profile", action="store_true", help="add the top ops by self CPU time per variant")
+    parser.add_argument("--profile-rows", type=int, default=12, help="how many ops each profile lists")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every variant this many times, interleaved; a variant's step time is its fastest round")
     parser.add_argument("--lock", action="append", default=[],
@@ -242,21 +260,31 @@ def main() -> None:
     parser.add_argument("--trim-each-step", action="store_true",
                         help="loraforge variants call release_free_memory after each step (cpu_allocator: compact)")
     parser.add_argument("--dry-run", action="store_true", help="print the table, don't append it to BENCHMARKS.md")
-    parser.add_argument("--worker", choices=[*VARIANTS, *(v + OLD_PATH for v in VARIANTS if v not in ("lora", "bnb-peft"))])
+    parser.add_argument("--baseline", metavar="SRC",
+                        help="also run every loraforge variant on the package under SRC (a copy of src/ from before a "
+                             "change, e.g. `git archive HEAD src | tar -x -C DIR`, then DIR/src), as NAME@baseline, "
+                             "interleaved with the rest: a before/after in one run")
+    parser.add_argument("--worker")
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))
         return
     variants = [v for v in args.variants.split(",") if not (v == "bnb-peft" and args.model == "1b")]
+    unknown = [v for v in variants if v.removesuffix(OLD_PATH) not in VARIANTS or v in (f"lora{OLD_PATH}", f"bnb-peft{OLD_PATH}")]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {VARIANTS} (quantized ones may add {OLD_PATH})")
+    if args.baseline:
+        variants = [v + suffix for v in variants for suffix in ("", BASELINE) if not (suffix and v == "bnb-peft")]
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {}
     for round_index in range(args.rounds):  # rounds interleave the variants, so that load hits them alike
         for name in variants:
             flags = [a for a in sys.argv[1:] if round_index == 0 or a != "--profile"]  # profile the first round only
+            env = dict(os.environ, PYTHONPATH=args.baseline) if name.endswith(BASELINE) else None
             with held(args.lock):
                 load = os.getloadavg()[0]
                 proc = subprocess.run([sys.executable, __file__, "--worker", name, *flags], capture_output=True, text=True,
-                                      check=False)
+                                      check=False, env=env)
             if proc.returncode != 0:
                 print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 continue
@@ -264,11 +292,11 @@ def main() -> None:
             print(f"round {round_index + 1}: {name} {runs[name][-1]['step_s']:.2f} s/step (load {load:.1f})",
                   file=sys.stderr, flush=True)
     results = {name: combine(r) for name, r in runs.items()}
-    ref = results["lora"]
     rows = []
     for name, r in results.items():
+        ref = results["lora" + BASELINE] if name.endswith(BASELINE) and "lora" + BASELINE in results else results["lora"]
         rows.append([name, f"{r['step_s']:.2f}", f"{r['step_s'] / ref['step_s']:.2f}", f"{r['load_peak_rss_gb']:.2f}",
-                     f"{r['peak_rss_gb']:.2f}", f"{r['peak_rss_gb'] / ref['peak_rss_gb']:.2f}",
+                     f"{r['peak_rss_gb']:.2f}", f"{r['peak_rss_gb'] / ref['peak_rss_gb']:.2f}", f"{r['faults_per_step']:.0f}",
                      f"{r['linear_bytes'] / 2**20:.0f}",
                      f"{r['linear_bytes'] / r['linear_bytes_bf16']:.3f}", f"{r['first_loss']:.3f}",
                      " / ".join(f"{t:.2f} ({load:.1f})" for t, load in zip(r["round_step_s"], r["round_load"]))])
@@ -277,14 +305,19 @@ def main() -> None:
         f"{args.steps} steps, {args.threads} threads, {args.rounds} round{'s' * (args.rounds > 1)}"
         f"{', malloc_trim after each loraforge step' if args.trim_each_step else ''})",
         markdown_table(["variant", "step s", "step ratio", "load peak RSS GB", "training peak RSS GB",
-                        "training RSS ratio", "decoder-linear MiB",
+                        "training RSS ratio", "page faults per step", "decoder-linear MiB",
                         "linear bytes / bf16", "first loss", "step s per round (load average at its start)"], rows),
-        "step ratio and RSS ratio are relative to dense-fp32 LoRA. Load peak: reading the dense checkpoint and "
+        "step ratio and RSS ratio are relative to dense-fp32 LoRA (of the same source tree: a "
+        f"`{BASELINE}` row to `lora{BASELINE}`). The loraforge variants compute the loss as loraforge's trainer does "
+        "(train.loss.summed_token_loss), bnb-peft as transformers does (`model(labels=...).loss`). Page faults: "
+        "minor faults per step (fresh memory being touched), first round. Load peak: reading the dense checkpoint and "
         "quantizing it layer by layer; training peak: the high-water mark after a reset once the model is ready "
         "(Linux VmHWM); over rounds, the fastest round's step time and the highest peaks. "
         "linear bytes / bf16 is the stored size of the "
         "decoder linears relative to bf16 (NF4 + double quant: 4.127/16 = 0.258). "
-        f"`{OLD_PATH}`: the quantized layers dequantized whole per call (the path before quant/kernels.py).\n\n"
+        f"`{OLD_PATH}`: the quantized layers dequantized whole per call (the path before quant/kernels.py). "
+        + (f"`{BASELINE}`: the same variant on the package in `{args.baseline}` (the code before this change).\n\n"
+           if args.baseline else "\n\n")
         + run_notes(results, load_before) + profile_tables(results),
     )
 

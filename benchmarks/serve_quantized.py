@@ -6,8 +6,9 @@
    - llama.cpp: llama-cpp-python's ``Llama.generate`` (top_k=1) on the file; the time between its first and
      last token, over the tokens in between;
    - loraforge: the engine (``serve.Engine``) stepping one request, Q4_1 blocks kept (computing in bf16 on a
-     CPU with bf16 units, see ``serve.base_model``) and dense fp32 (the same file's weights dequantized, what
-     ``--quantization none`` serves);
+     CPU with bf16 units, see ``serve.base_model``) with our native int8-activation kernel (the default) and
+     with torch's kernels only (``LORAFORGE_QUANT_KERNEL=torch``, exact products), and dense fp32 (the same
+     file's weights dequantized, what ``--quantization none`` serves);
    each in ``--rounds`` interleaved rounds, keeping each one's best (the machine is shared).
 2. Where a Q4_1 decode step's time goes: ``torch.profiler`` over ``--profile-steps`` single-stream decode
    steps, the ops' own (self) CPU time summed by kind (matmul, attention, everything else) and the rest of
@@ -35,6 +36,8 @@ from serve_slora import decode_step_times, load_average, weight_sets
 
 from loraforge.data.tokenize import prompt_ids as chat_ids
 from loraforge.models.sources import default_gguf_path
+from loraforge.native import LOWBIT
+from loraforge.quant import kernels
 from loraforge.quant.summary import quant_summary
 from loraforge.serve import Engine, Request, SamplingParams
 from loraforge.serve.base_model import load_serving_base
@@ -62,14 +65,17 @@ def settled_rss() -> int:
 class Ours:
     """One of our engines for the single-stream rows: the default model loaded as ``quantization`` says."""
 
-    def __init__(self, quantization: str, label: str):
+    def __init__(self, quantization: str, label: str, kernel: str = "native"):
         self.label = label
+        self.kernel = kernel
+        kernels.KERNEL = kernel  # the runner picks its fused kernels when it is built
         self.model, self.tokenizer = load_serving_base("default", quantization)
         self.engine = Engine(self.model, self.tokenizer, pool_bytes=SINGLE_POOL_BYTES)
         self.weight_bytes = quant_summary(self.model)["total_bytes"]
 
     def decode(self, ids: list[int], tokens: int) -> tuple[float, list[int]]:
         """Decode tokens/s of one greedy request (prefill and first token excluded), and its tokens."""
+        kernels.KERNEL = self.kernel  # single layers choose per call
         handle = self.engine.submit(Request(ids, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)))
         self.engine.step()  # prefill, first token
         start, steps = time.perf_counter(), 0
@@ -82,6 +88,7 @@ class Ours:
         """(wall ms per decode step under the profiler, self ms per kind per step, top ops (name, shapes, ms))."""
         from torch.profiler import ProfilerActivity, profile
 
+        kernels.KERNEL = self.kernel
         handle = self.engine.submit(Request(ids, SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)))
         self.engine.step()
         self.engine.step()
@@ -133,6 +140,7 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--batch-rounds", type=int, default=2, help="rounds of the 32-sequence decode steps")
     parser.add_argument("--pool-gib", type=float, default=1.0, help="pool of the batched engines")
+    parser.add_argument("--single-only", action="store_true", help="skip the batched decode steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = load_average()
@@ -140,7 +148,14 @@ def main() -> None:
     rss: dict[str, int] = {}
     systems = []
     ids: list[int] = []
-    for make in (lambda: Ours("auto", "loraforge engine, Q4_1 blocks kept (auto)"), lambda: LlamaCpp(args.threads),
+    start = time.perf_counter()
+    LOWBIT.library()  # built here unless $LORAFORGE_CACHE holds it: outside the RSS and the timings
+    build_note = (f"native kernel: {LOWBIT.status()}, "
+                  + (f"built in this run in {LOWBIT._state['build_seconds']:.1f} s" if "build_seconds" in LOWBIT._state
+                     else f"loaded from the cache in {time.perf_counter() - start:.2f} s"))
+    for make in (lambda: Ours("auto", "loraforge engine, Q4_1 blocks kept (auto), native kernel"),
+                 lambda: LlamaCpp(args.threads),
+                 lambda: Ours("auto", "loraforge engine, Q4_1 blocks kept (auto), torch kernels (exact)", "torch"),
                  lambda: Ours("none", "loraforge engine, dense fp32 (none)")):
         before = settled_rss()
         system = make()
@@ -148,7 +163,7 @@ def main() -> None:
         system.decode(ids, args.tokens)  # warm-up: every weight page touched
         rss[system.label] = settled_rss() - before
         systems.append(system)
-    q4, llama, dense = systems
+    q4, llama, exact, dense = systems
     best: dict[str, float] = {}
     tokens: dict[str, list[int]] = {}
     for round_ in range(args.rounds):
@@ -172,9 +187,10 @@ def main() -> None:
                                [[name, shapes.replace("|", "/"), f"{ms:.2f}"] for name, shapes, ms in top])
 
     q4_dtype = str(q4.engine.runner.dtype).removeprefix("torch.")
-    del q4.engine, dense.engine, llama
+    del q4.engine, exact.engine, dense.engine, llama
+    kernels.KERNEL = "native"
     batch = {}
-    for quantization, label in (("auto", "Q4_1 blocks kept"), ("none", "dense fp32")):
+    for quantization, label in () if args.single_only else (("auto", "Q4_1 blocks kept"), ("none", "dense fp32")):
         model, tokenizer = load_serving_base("default", quantization)
         engine = Engine(model, tokenizer, pool_bytes=int(args.pool_gib * 2**30), max_num_seqs=32)
         times = decode_step_times(engine, tokenizer, weight_sets(model, 8), args.batch_rounds)
@@ -185,19 +201,24 @@ def main() -> None:
     cases = ("no adapter", "8 distinct")
     batch_rows = [[label] + [f"{batch[label][case] * 1000:.0f}" for case in cases]
                   + [f"{32 / batch[label]['8 distinct']:.1f}"] for label in batch]
-    batch_rows.append(["Q4_1 / dense speed"] + [f"{batch['dense fp32'][c] / batch['Q4_1 blocks kept'][c]:.2f}x" for c in cases]
-                      + [""])
+    if batch:
+        batch_rows.append(["Q4_1 / dense speed"]
+                          + [f"{batch['dense fp32'][c] / batch['Q4_1 blocks kept'][c]:.2f}x" for c in cases] + [""])
     batch_table = markdown_table(["decode step, 32 sequences", "ms/step, no adapter", "ms/step, 8 adapters",
                                   "tok/s, 8 adapters"], batch_rows)
     notes = [
         (f"Single stream: prompt {PROMPT!r} in the chat template ({len(ids)} tokens), {args.tokens} new, greedy, EOS ignored; best of {args.rounds} "
         f"interleaved rounds; {args.threads} thread(s) for llama.cpp (n_threads, n_threads_batch) and torch alike; our Q4_1 engine computes in {q4_dtype}."),
-        ("llama.cpp quantizes each matmul's input to 8 bits (Q8_1 for Q4_1), so its greedy tokens part from ours "
-        "where two tokens are nearly tied; tests/serve/test_quantized_base.py checks the logits against it."),
+        ("llama.cpp quantizes each matmul's input to 8 bits (Q8_1 for Q4_1), and so does our native kernel (its "
+        "block dot products equal libggml's: tests/quant/test_native_kernel.py); torch's kernels don't. Our engine "
+        "holds activations in bf16 where llama.cpp keeps fp32, so with either kernel the greedy tokens part from "
+        "llama.cpp's where two tokens are nearly tied; tests/serve/test_quantized_base.py checks the logits."),
+        build_note,
         ("Weights: ours count every parameter and buffer (the Q4_1 engine: Q4_1 blocks and the tied Q8_0 "
          "token_embd, used as the head too, as stored; the dense engine: all fp32); llama.cpp's is its model size. "
-         "The int4 kernel's packed copies (codes + bf16 scales, built on the first decode step) are in the RSS only."),
-        (f"Batched: 32 sequences, prompt 32 tokens, steady-state decode steps, best of {args.batch_rounds}; adapters "
+         "The int4 kernel's packed copies (codes + bf16 scales, built on the first step of 5-32 tokens; the exact "
+         "row builds them on its first decode step) are in the RSS only; the native kernel reads the blocks as stored."),
+        ("Batched: not measured (--single-only)." if not batch else f"Batched: 32 sequences, prompt 32 tokens, steady-state decode steps, best of {args.batch_rounds}; adapters "
         "from serve_slora.weight_sets (ranks 8/16/32/64 on q/k/v/o)."),
         f"Load average (1 min) of this shared machine: {load_before} before, {load_average()} after.",
     ]

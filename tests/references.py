@@ -21,3 +21,15 @@ def require(module: str):
         if IN_CI:
             pytest.fail(message, pytrace=False)
         pytest.skip(message, allow_module_level=True)
+
+
+def require_built(native_library):
+    """``native_library``'s compiled module (``loraforge.native.LOWBIT``, ``DECODE_OPS``), or skip (fail in CI) when
+    it could not be built, with the reason."""
+    module = native_library.library()
+    if module is None:
+        message = f"{native_library.what} could not be built: {native_library.status()}"
+        if IN_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return module

@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+from references import require_built
 
 from loraforge.models import tiny_model, tiny_tokenizer
+from loraforge.native import DECODE_OPS
+from loraforge.serve import runner
 
 from .helpers import save_peft_adapter
 
@@ -45,3 +48,14 @@ def adapter_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     return {name: save_peft_adapter(root / name, seed=i, **kw) for i, (name, kw) in enumerate(ADAPTER_CONFIGS.items())}
 
+
+
+@pytest.fixture(params=["native", "torch"])
+def decode_ops(request, monkeypatch):
+    """Run the test with the runner's native decode ops (``native/decode_ops.cpp``), then with torch's ops alone. Without
+    the native library the first skips, and fails in CI."""
+    if request.param == "torch":
+        monkeypatch.setattr(runner, "_native_ops", lambda h: None)
+    else:
+        require_built(DECODE_OPS)
+    return request.param

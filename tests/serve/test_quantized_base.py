@@ -57,6 +57,21 @@ def generated_tokens(model, ids) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+def assert_greedy_agrees(model, ids, ours: list[int], expected: list[int]) -> None:
+    """``ours`` are ``expected`` (transformers' greedy tokens), or they part where transformers' own logits hold a
+    tie at the model's precision: our token's logit within 2 units in the last place of the largest. In bf16
+    the native decode attention (``native/decode_ops.cpp``) sums in another order than torch's SDPA kernel,
+    which moves 1 in ~70 of its outputs by one bf16 unit (measured), enough to pick the other of two tied
+    logits; in fp32 the same order costs ~1e-7 and the tokens must be equal."""
+    if ours == expected:
+        return
+    step = next(i for i, (a, b) in enumerate(zip(ours, expected)) if a != b)
+    with torch.no_grad():
+        row = model(torch.tensor([ids + expected[:step]])).logits[0, -1]
+    ulp = torch.finfo(row.dtype).eps * 2.0 ** (torch.frexp(row.abs().max().float()).exponent.item() - 1)
+    assert row.dtype == torch.bfloat16 and row.max() - row[ours[step]] <= 2 * ulp, (step, ours[step], expected[step])
+
+
 def gguf_file(path, base: str, tied: bool = False):
     """A tiny Llama written as a GGUF whose decoder linears are ``base`` blocks (Q8_0 embedding and head; with
     ``tied``, one Q8_0 ``token_embd`` serves as both, as in the default model)."""
@@ -114,9 +129,8 @@ def test_a_gguf_keeps_its_blocks_and_serves_what_it_generates_and_what_llama_cpp
     assert formats(model) == {base} and head_kept(model, tied)
     assert model.model.embed_tokens(torch.tensor([3])).dtype == (torch.bfloat16 if bf16_units else torch.float32)
     ids = tokenizer.encode(PROMPT)
-    expected = generated_tokens(model, ids)
     ours = served_tokens(Engine(model, tokenizer, pool_bytes=1 << 23), ids)
-    assert ours == expected
+    assert_greedy_agrees(model, ids, ours, generated_tokens(model, ids))
     # llama.cpp over the same file and the served tokens. It rounds each quantized matmul's input to 8 bits, so
     # its logits agree within the export test's bound (RELATIVE_ERROR, reasoned there), and it picks each served
     # token too, unless its best two tokens lie within twice that bound of each other (measured here: 1 of 12
@@ -156,8 +170,10 @@ def test_a_qalora_run_exported_to_gguf_serves_what_the_base_and_its_adapter_serv
     """train on a Q4_1 GGUF with QA-LoRA -> ``export --run --format gguf`` -> ``serve --model merged.gguf``: the
     served tokens equal those of the base GGUF served with the unmerged adapter. Only QA-LoRA's fold of the
     group offsets into fp16 separates the two, far below the logit gaps greedy decoding turns on. Served in
-    fp32 on any CPU, so that bf16 activations can't blur what the export changed."""
+    fp32 on any CPU and with exact products (no int8 activations: ``kernels.KERNEL``), so that neither bf16 nor
+    8-bit activations can blur what the export changed."""
     monkeypatch.setattr("loraforge.quant.quantize_model.bf16_supported", lambda device: False)
+    monkeypatch.setattr("loraforge.quant.kernels.KERNEL", "torch")
     base = gguf_file(tmp_path / "base.gguf", "q4_1")
     config = Config.from_dict({"model": {"source": str(base), "quantization": {"type": "gguf", "compute_dtype": "fp32"}},
                                "adapter": {"method": "qalora", "r": 4, "alpha": 8}}, check_files=False)

@@ -23,6 +23,7 @@ IDS = [f"{family}-{'-'.join(overrides) or 'plain'}" for family, overrides in FAM
 
 
 @pytest.mark.parametrize(("family", "overrides"), FAMILIES, ids=IDS)
+@pytest.mark.usefixtures("decode_ops")
 def test_prefill_logits_equal_hf_forward(family, overrides):
     model = tiny_model(family, **overrides)
     engine = Engine(model, max_rank=16, pool_bytes=1 << 22)
@@ -33,6 +34,7 @@ def test_prefill_logits_equal_hf_forward(family, overrides):
 
 
 @pytest.mark.parametrize(("family", "overrides"), FAMILIES, ids=IDS)
+@pytest.mark.usefixtures("decode_ops")
 def test_batched_paged_decode_equals_hf_greedy(family, overrides, tokenizer):
     """Several sequences decode together across KV block boundaries (block_size 16) and match HF's generate."""
     model = tiny_model(family, **overrides)
@@ -46,15 +48,17 @@ def test_batched_paged_decode_equals_hf_greedy(family, overrides, tokenizer):
 
 
 @pytest.mark.parametrize(("family", "overrides"), FAMILIES, ids=IDS)
+@pytest.mark.usefixtures("decode_ops")
 def test_one_sequence_decoding_alone_equals_hf_greedy(family, overrides, tokenizer):
-    """A lone decoding sequence takes the runner's sliced-keys path (no mask; the window applied by slicing)."""
+    """A lone decoding sequence attends through the native paged decode attention, or, with torch's ops, takes the
+    sliced-keys path (no mask; the window applied by slicing)."""
     model = tiny_model(family, **overrides)
     engine = Engine(model, tokenizer, max_rank=16, pool_bytes=1 << 22)
     lone_steps = []
     original = engine.runner._attention
 
     def recording_attention(*args):
-        lone_steps.append(args[-1] is not None)
+        lone_steps.append(args[7] is not None)  # single_len
         return original(*args)
 
     engine.runner._attention = recording_attention
@@ -66,6 +70,7 @@ def test_one_sequence_decoding_alone_equals_hf_greedy(family, overrides, tokeniz
     assert sum(lone_steps) == 29 * model.config.num_hidden_layers  # every decode step after the prefill
 
 
+@pytest.mark.usefixtures("decode_ops")
 def test_decode_logits_equal_hf_forward():
     """The logits a decode step samples from (paged KV, one token) equal HF's on the whole sequence."""
     model = tiny_model("tiny-qwen2")
@@ -99,8 +104,9 @@ def test_quantized_base_runs_through_its_own_modules(quant):
     ids = torch.randint(0, 256, (21,), generator=torch.Generator().manual_seed(0)).tolist()
     [ours] = step_logits(engine, [(ids, None)])
     torch.testing.assert_close(ours, hf_logits(model, ids), atol=2e-5, rtol=1e-4)
-    # NF4 has no packed kernel, so its modules run alone; INT4's decode steps run fused (next test)
-    assert all(isinstance(f, FusedQuantLinear) if quant == "int" else f is None for f in engine.runner.fused_qkv)
+    # no kernel takes fp32 decode steps by default (kernels.NATIVE_MAX_ROWS, INT4PACK_MAX_ROWS), so the modules run
+    # alone; in bf16 INT4's decode steps run fused (next test), NF4's never (no packed kernel)
+    assert all(f is None for f in engine.runner.fused_qkv)
 
 
 def _decode_logits(engine, prompt: list[int], steps: int) -> list[torch.Tensor]:
@@ -118,13 +124,21 @@ def _decode_logits(engine, prompt: list[int], steps: int) -> list[torch.Tensor]:
     return seen
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantized_projections_decode_as_packed_kernel_calls_fused_or_alone(dtype):
-    """INT4 q/k/v (with Qwen2's biases) and gate/up run as one int4-kernel call per group on decode steps, and
-    o/down as one call each without QuantLinear's checks: the logits equal those of every layer run alone,
-    and the fused packs are the only packed copies made (no layer packs itself)."""
+@pytest.mark.parametrize(("kernel", "dtype"), [("native", torch.bfloat16), ("torch", torch.bfloat16),
+                                               ("native", torch.float32)])  # fp32: with the native kernel switched on
+def test_quantized_projections_decode_as_packed_kernel_calls_fused_or_alone(kernel, dtype, monkeypatch):
+    """INT4 q/k/v (with Qwen2's biases) and gate/up run as one kernel call per group on decode steps (our native
+    kernel, or torch's int4 kernel), and o/down as one call each without QuantLinear's checks: the logits equal
+    those of every layer run alone, and the fused packs are the only packed copies made (no layer packs itself;
+    the native kernel packs nothing at all)."""
+    from loraforge.native import LOWBIT
+    from loraforge.quant import kernels
     from loraforge.quant.quantize_model import quantize_model
 
+    if kernel == "native" and LOWBIT.library() is None:
+        pytest.fail(f"the native kernel did not build: {LOWBIT.status()}", pytrace=False)
+    monkeypatch.setattr(kernels, "KERNEL", kernel)
+    monkeypatch.setitem(kernels.NATIVE_MAX_ROWS, (4, torch.float32), 64)
     model = quantize_model(tiny_model("tiny-qwen2").to(dtype), type="int", bits=4, block_size=32, compute_dtype=dtype)
     fused = Engine(model, max_rank=16, pool_bytes=1 << 22)
     prompt = list(range(40, 61))
@@ -139,7 +153,8 @@ def test_quantized_projections_decode_as_packed_kernel_calls_fused_or_alone(dtyp
     assert len(got) == len(expected) == 6
     for ours, theirs in zip(got, expected):
         torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
-    assert "_kernel_cache" in model.model.layers[0].self_attn.q_proj.qweight.__dict__  # alone, each layer packs itself
+    # alone, each layer packs itself for torch's int4 kernel; the native kernel reads the layers' own buffers
+    assert ("_kernel_cache" in model.model.layers[0].self_attn.q_proj.qweight.__dict__) == (kernel == "torch")
 
 
 def test_dense_qkv_and_gate_up_run_as_one_gemm_over_the_modules_own_memory():

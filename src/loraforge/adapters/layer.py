@@ -37,6 +37,18 @@ class Adapter(Protocol):
     def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
 
 
+def add_delta(adapter: Adapter, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    """``base_out + adapter.delta(x, base_out, base)`` for 2-D ``x`` ``(M, in)`` and ``base_out`` ``(M, out)``.
+
+    An adapter may offer ``add_delta`` with the same arguments to compute this faster; it is used in training
+    (autograd recording), where ``base_out`` is the fresh output of a dense or quantized linear's matmul that
+    nothing else holds (autograd saves inputs of those, not outputs), so the update may be added in place.
+    Inference keeps the plain sum: it leaves the base's output alone, whatever buffer a kernel returns.
+    """
+    fused = getattr(adapter, "add_delta", None) if torch.is_grad_enabled() else None
+    return fused(x, base_out, base) if fused is not None else base_out + adapter.delta(x, base_out, base)
+
+
 class AdaptedLinear(nn.Module):
     """A base linear plus named adapters.
 
@@ -63,15 +75,15 @@ class AdaptedLinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        if self.disabled:
-            return result
-        if self.row_adapters is not None:
-            return self._mixed_forward(x, result)
-        for name in self.active:
-            if name not in self.merged:
-                result = result + self.adapters[name].delta(x, result, self.base_layer)
-        return result
+        if self.row_adapters is not None and not self.disabled:
+            return self._mixed_forward(x, self.base_layer(x))
+        rows = x.reshape(-1, x.shape[-1])  # (tokens, in): the base output is then a 2-D tensor of its own
+        result = self.base_layer(rows)
+        if not self.disabled:
+            for name in self.active:
+                if name not in self.merged:
+                    result = add_delta(self.adapters[name], rows, result, self.base_layer)
+        return result.view(*x.shape[:-1], result.shape[-1])
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each batch row (dim 0) gets its own adapter's delta, or none for ``BASE``."""

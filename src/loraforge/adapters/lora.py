@@ -82,6 +82,14 @@ class LoraAdapter(nn.Module):
     def delta(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return self.lora_out(self.dropout(x)).to(base_out.dtype)
 
+    def add_delta(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """``base_out + delta(...)`` (``layer.add_delta``): ``s · (x Aᵀ) Bᵀ`` accumulated into ``base_out`` by one
+        GEMM, so no ``(M, out)`` pass scales the update or adds it, forward or backward. Where ``delta`` is
+        overridden (DoRA) or the dtypes differ, the plain sum."""
+        if type(self).delta is not LoraAdapter.delta or base_out.dtype != self.lora_A.dtype:
+            return base_out + self.delta(x, base_out, base)
+        return base_out.addmm_(self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T, self.lora_B.T, alpha=self.scaling)
+
     def lora_weight(self) -> torch.Tensor:
         """``s · B A``, shape ``(out, in)``."""
         return (self.lora_B @ self.lora_A) * self.scaling

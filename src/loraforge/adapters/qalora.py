@@ -56,6 +56,14 @@ class QALoraAdapter(nn.Module):
         pooled = self.pool(self.dropout(x).to(self.lora_A.dtype))
         return ((pooled @ self.lora_A.T @ self.lora_B.T) * self.scaling).to(base_out.dtype)
 
+    def add_delta(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """``base_out + delta(...)`` with the update accumulated into ``base_out`` by one GEMM (as
+        ``LoraAdapter.add_delta``)."""
+        if base_out.dtype != self.lora_A.dtype:
+            return base_out + self.delta(x, base_out, base)
+        pooled = self.pool(self.dropout(x).to(self.lora_A.dtype))
+        return base_out.addmm_(pooled @ self.lora_A.T, self.lora_B.T, alpha=self.scaling)
+
     def group_delta(self) -> torch.Tensor:
         """``Δ`` ``(out, n_groups)``: what each group's weights move by, ``s·(B A)·n/G``."""
         return (self.lora_B @ self.lora_A) * (self.scaling * self.n_groups / self.group_size)

@@ -6,8 +6,8 @@ its packed tensors as buffers and answers:
 - ``shape``: ``(out_features, in_features)`` of the dense weight it stands for;
 - ``dequantize(dtype)``: the dense ``(out_features, in_features)`` weight;
 - ``matmul(x)``: ``x @ W.T`` for ``x`` of shape ``(..., in_features)``: ``quantized_matmul``, which runs
-  ``kernels.py`` (torch's int4 kernel for decode-size inputs where the format maps onto it, else a
-  dequantize-and-matmul a tile at a time) and keeps autograd from storing any dense weight;
+  ``kernels.py`` (in inference our int8-activation kernel or torch's int4 kernel for decode-size inputs where
+  the format maps onto them, else a dequantize-and-matmul a tile at a time) and keeps autograd from storing any dense weight;
 - ``nbytes``: storage bytes of the packed tensors (codes, scales, nested constants);
 - ``tensors()`` / ``from_tensors(tensors, meta)``: the safetensors round trip.
 """
@@ -45,7 +45,11 @@ class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
         ctx.weight = weight
-        return kernels.linear(weight, x)
+        y = kernels.linear(weight, x)
+        # An output that is a view can't be written in place (autograd forbids it for a custom Function's views),
+        # and an adapter adds its update into this one (adapters.layer.add_delta); ``linear`` reshapes its result,
+        # which makes a view even when the shape doesn't change: return the tensor itself then.
+        return y._base if y._is_view() and y._base.shape == y.shape else y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -60,7 +64,9 @@ def quantized_matmul(weight: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
     """
     if torch.is_grad_enabled() and x.requires_grad:
         return _QuantizedLinear.apply(x, weight)
-    return kernels.linear(weight, x)  # nothing to differentiate: the same product, without autograd's overhead
+    # nothing to differentiate: the same product without autograd's overhead, and in inference (no autograd at all)
+    # llama.cpp's int8-activation kernel for decode-size inputs (``kernels``)
+    return kernels.linear(weight, x, int8_activations=not torch.is_grad_enabled())
 
 
 class _MovesOnly(nn.Module):

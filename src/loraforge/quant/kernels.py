@@ -1,7 +1,17 @@
 """Low-bit matmuls for frozen quantized weights: what ``QuantizedWeight.matmul`` runs.
 
-Two CPU paths, chosen per call by the number of input rows (tokens) ``M``:
+Three CPU paths, chosen per call by the number of input rows (tokens) ``M``:
 
+- **native kernel** (``M ≤ NATIVE_MAX_ROWS[bits, dtype]``: decode-size inputs in bf16, inference only: ``linear(...,
+  int8_activations=True)``, which ``quantized_matmul`` passes when autograd isn't recording, so training's forward
+  keeps exact products): our C++ kernel (``native/lowbit.cpp``), as llama.cpp computes it: each activation row is quantized per 32-block to int8 (``d = amax/127`` as fp16, codes
+  rounded half to even, and ``s = fp16(d·Σq)`` as in Q8_1), and each block's integer dot product with the stored
+  codes is scaled in fp32 (``y = Σ_b d_w·d_a·Σ(q − offset)·q_a + Σ_g m_g·s_g``). Formats: GGUF Q4_0, Q4_1, Q8_0
+  and INT4/INT8 of any group size, read as stored (no packed copy); ``FusedKernel`` runs several weights of one
+  input in one call. The int8 activation adds llama.cpp's error: ``|Δy| ≤ Σ_b (d_a/2)·Σ|w|`` per output, half a
+  step of 1/127 of each block's largest input (test_native_kernel.py states the exact bound). ``KERNEL = "torch"`` (setting
+  ``LORAFORGE_QUANT_KERNEL=torch``) turns it off for exact products; a CPU without a compiler falls back, once
+  warned (``native.LOWBIT``).
 - **int4 kernel** (``M ≤ INT4PACK_MAX_ROWS[dtype]``, decode-size inputs): torch's group-wise int4 CPU kernel
   ``aten._weight_int4pack_mm_for_cpu``, for formats whose weights are ``scale·q + min`` with 4-bit ``q``
   per group along ``in_features`` (INT2/3/4 of any group size, GGUF Q4_0 and Q4_1). The kernel computes
@@ -23,9 +33,10 @@ Two CPU paths, chosen per call by the number of input rows (tokens) ``M``:
 The backward needs only the input's gradient ``grad_y @ W`` (the base weight is frozen); it dequantizes
 in column tiles the same way. Other devices (CUDA) dequantize the layer whole and call ``F.linear``.
 
-Thresholds (``INT4PACK_MAX_ROWS``) come from ``benchmarks/quant_kernels.py`` (BENCHMARKS.md, "Low-bit
-matmul kernels"): in fp32 torch's int4 kernel costs time in proportion to the rows and only wins for one
-row (single-sequence decode); in bf16 it wins up to a few dozen.
+Thresholds (``NATIVE_MAX_ROWS``, ``INT4PACK_MAX_ROWS``) come from ``benchmarks/quant_kernels.py`` (BENCHMARKS.md, "Low-bit
+matmul kernels"): in bf16 the native kernel wins up to a few rows and torch's int4 kernel up to a few dozen; in
+fp32 torch's int4 kernel never beats the tiled path, and the native kernel, which would, is off (fp32 is the
+exact dtype; see ``NATIVE_MAX_ROWS``).
 
 A weight format takes part by providing:
 
@@ -40,17 +51,22 @@ A weight format takes part by providing:
 from __future__ import annotations
 
 import itertools
+import os
 
 import torch
 import torch.nn.functional as F
+
+from loraforge.native import LOWBIT
 
 TILE_ELEMENTS = 1 << 20
 """Weights dequantized per tile: 4 MiB in fp32, so that a tile stays in cache (L3) while it is multiplied, and few
 enough tiles that the per-op overhead stays small."""
 
-INT4PACK_MAX_ROWS = {torch.float32: 1, torch.bfloat16: 32, torch.float16: 1}
+INT4PACK_MAX_ROWS = {torch.float32: 0, torch.bfloat16: 32, torch.float16: 1}
 """Largest number of input rows for which torch's int4 CPU kernel beats the tiled path, by compute dtype
-(measured; see the module docstring)."""
+(measured; see the module docstring). fp32: 0, from ``quant_kernels.py --threads 1`` (BENCHMARKS.md, 11:36 UTC
+2026-11-30): at one row the int4 kernel took 0.95-7.2 ms against the tiled path's 0.79-7.0 ms over six default-model
+weights, slower in four, and it keeps a packed copy; the native kernel is 20-70x faster than both there."""
 
 INT8_SPLIT_MAX_ROWS = {torch.bfloat16: 8}
 """The same for 8-bit codes (Q8_0, INT8), which take the int4 kernel as two parts. Measured with 1 thread on
@@ -60,15 +76,52 @@ slower than the tiled path even for one row, so only bf16 takes it."""
 
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 
+NATIVE_MAX_ROWS = {(4, torch.bfloat16): 32, (8, torch.bfloat16): 16, (4, torch.float32): 0, (8, torch.float32): 0}
+"""Largest number of input rows for which our int8-activation kernel (``native/lowbit.cpp``) runs, by code bits (4: Q4_0,
+Q4_1, INT4; 8: Q8_0, INT8) and compute dtype: the crossovers measured by ``benchmarks/quant_kernels.py --threads 1``
+(BENCHMARKS.md, 2026-11-30 11:36-11:38 UTC, AVX512-VNNI) on the default model's weights (960/3072×576, 576×1536 and
+the 49152×576 Q8_0 head). bf16, 4-bit: ahead of torch's int4 kernel at 1-2 rows (960×576: 0.027 vs 0.034 ms),
+even at 4 (0.055 vs 0.056), 0-15% behind at 8-16 and 10-25% at 32 (2.10 vs 1.69 ms for 3072×576); it still takes
+those rows, because the int4 kernel's pack is a second copy of the codes plus bf16 scales (~6 bits per weight: for
+the default model 211 against 167 MiB of serving RSS), which would double a large model's weight memory as soon as
+any step had 5-32 tokens. bf16, 8-bit: ahead of the int4 kernel's two parts and of the tiled path through 16
+rows (head: 12.2 ms vs 23.2 and 21.3), even at 32. fp32: torch's int4 kernel is slow there, so the rival is the
+tiled path: 4-bit ahead through 64 rows (3072×576: 3.5 vs 5.4 ms), even at 128; 8-bit ahead through 32, mixed
+at 64. Yet fp32 stays 0: fp32 is the exact compute dtype (a quantized model's output equals its dequantized
+weights' to ~1e-6 whatever the batch, which the exports, merges and engine-vs-transformers checks rely on), and the
+8-bit input would make a row's result depend on how many rows share its step (above or below the threshold);
+bf16 already rounds every product to ~4e-3. Set (4, float32): 64 and (8, float32): 32 to take the measured gain.
+fp16 is not measured, so it never takes the kernel."""
 
-def linear(weight, x: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` for ``x`` ``(..., in_features)`` in ``x.dtype`` -> ``(..., out_features)``; no autograd."""
+KERNEL_SETTING = "LORAFORGE_QUANT_KERNEL"
+KERNELS = ("native", "torch")
+"""``native``: our int8-activation kernel for decode-size inputs (llama.cpp's numerics, the default); ``torch``:
+torch's kernels only (exact products of the dequantized weight, slower decode)."""
+
+KERNEL: str | None = None
+"""The choice in effect, read from ``$LORAFORGE_QUANT_KERNEL`` on first use (tests set it directly)."""
+
+_NO_MIN = torch.empty(0, dtype=torch.float16)
+_NATIVE_LAYOUTS = {"q4_0": (4, False, False, 8), "q4_1": (4, False, False, 0), "q8_0": (8, False, True, 0)}
+"""GGUF format -> (code bits, INTk nibble order, signed codes, code offset) for ``LOWBIT.library().mm``."""
+
+
+def linear(weight, x: torch.Tensor, int8_activations: bool = False) -> torch.Tensor:
+    """``x @ W.T`` for ``x`` ``(..., in_features)`` in ``x.dtype`` -> ``(..., out_features)``; no autograd.
+
+    ``int8_activations``: inference may take the native kernel (llama.cpp's numerics) for decode-size inputs;
+    otherwise (training's forward) the products are those of the dequantized weight."""
     out_features, in_features = weight.shape
     rows = x.reshape(-1, in_features)
     if x.device.type != "cpu":
         return F.linear(x, weight.dequantize(x.dtype))
-    packed = _int4pack(weight) if rows.shape[0] <= int4pack_max_rows(weight, x.dtype) else None
-    y = packed.mm(rows) if packed is not None else _tiled_forward(weight, rows)
+    m = rows.shape[0]
+    group = _native_group(weight) if int8_activations and _native_on() else None
+    if group is not None and m <= NATIVE_MAX_ROWS.get((group.bits, x.dtype), 0):
+        y = group.mm(rows)
+    else:
+        packed = _int4pack(weight) if m <= int4pack_max_rows(weight, x.dtype) else None
+        y = packed.mm(rows) if packed is not None else _tiled_forward(weight, rows)
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -80,6 +133,113 @@ def input_grad(weight, grad_y: torch.Tensor) -> torch.Tensor:
         return grad_y @ weight.dequantize(grad_y.dtype)
     rows = grad_y.reshape(-1, out_features)
     return _tiled_input_grad(weight, rows).reshape(*grad_y.shape[:-1], in_features)
+
+
+def kernel_choice() -> str:
+    """``KERNEL``, read from ``$LORAFORGE_QUANT_KERNEL`` (default ``native``) on first use.
+
+    Raises:
+        ValueError: the variable holds something other than one of ``KERNELS``.
+    """
+    global KERNEL
+    if KERNEL is None:
+        value = os.environ.get(KERNEL_SETTING, "native")
+        if value not in KERNELS:
+            raise ValueError(f"{KERNEL_SETTING}={value!r} is not one of {', '.join(KERNELS)}")
+        KERNEL = value
+    return KERNEL
+
+
+def _native_on() -> bool:
+    return kernel_choice() == "native" and LOWBIT.library() is not None
+
+
+def native_max_rows(weight, dtype: torch.dtype) -> int:
+    """Up to how many input rows ``linear`` takes our int8-activation kernel for ``weight`` in ``dtype`` (0: never)."""
+    layout = _native_layout(weight)
+    if layout is None or not _native_on():
+        return 0
+    return NATIVE_MAX_ROWS.get((layout[0], dtype), 0)
+
+
+def _native_layout(weight) -> tuple | None:
+    """``(bits, pairs, signed, offset, group_blocks)``: how the native kernel reads ``weight``'s codes, or None for
+    formats it doesn't take (NF4/FP4, INT2/3)."""
+    fmt = getattr(weight, "format", None)
+    if weight._buffers.get("qs" if fmt in _NATIVE_LAYOUTS else "codes") is None:
+        return None  # storage turned into (possibly sharded) parameters: FSDP2's quantized_storage_as_parameters
+    if fmt in _NATIVE_LAYOUTS:
+        return (*_NATIVE_LAYOUTS[fmt], 1)
+    if fmt in ("int4", "int8"):
+        return weight.bits, weight.bits == 4, False, 0, weight.group_size // 32
+    return None
+
+
+def _native_tensors(weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scales, mins)`` as stored: GGUF ``qs``/``d``/``m`` (an empty ``m`` for Q4_0 and Q8_0), INTk's
+    ``codes``/``scale``/``min``."""
+    if weight.format in _NATIVE_LAYOUTS:
+        return weight.qs, weight.d, getattr(weight, "m", _NO_MIN)
+    return weight.codes, weight.scale, weight.min
+
+
+def _native_group(weight) -> NativeGroup | None:
+    """``weight`` alone as a ``NativeGroup`` (kept on the weight: it holds references only), or None where the
+    native kernel doesn't take its format."""
+    group = weight.__dict__.get("_native_group")
+    if group is None or group.tensors[0][0] is not weight._buffers.get(group.codes_name):  # buffers replaced: rebuild
+        layout = _native_layout(weight)
+        group = None if layout is None else NativeGroup((weight,), layout)
+        weight.__dict__["_native_group"] = group
+    return group
+
+
+class NativeGroup:
+    """Weights of one input and one native layout (q/k/v, gate/up) multiplied by one native-kernel call, their
+    products side by side. It holds references to the weights' own buffers, no copy."""
+
+    def __init__(self, weights: tuple, layout: tuple):
+        self.weights = weights
+        self.layout = layout
+        self.tensors = tuple(list(t) for t in zip(*(_native_tensors(w) for w in weights)))
+        self.codes_name = "qs" if weights[0].format in _NATIVE_LAYOUTS else "codes"
+        self.bits = layout[0]
+    def mm(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows (M, in) @ W.T`` -> ``(M, out_features)`` in ``rows.dtype``."""
+        return LOWBIT.library().mm(rows, *self.tensors, *self.layout, "")
+
+
+class FusedKernel:
+    """The decode-size product of several weights of one input (q/k/v, gate/up) stacked along ``out_features``:
+    the native kernel up to ``native_rows`` input rows, torch's int4 kernel (one pack of them all, built on first
+    use) up to ``max_rows``. ``mm`` is only for ``M ≤ max_rows``; larger inputs run the layers one by one."""
+
+    def __init__(self, weights: tuple, dtype: torch.dtype):
+        self.weights = weights
+        layouts = {_native_layout(w) for w in weights}
+        self.native = NativeGroup(weights, layouts.pop()) if len(layouts) == 1 and all(
+            native_max_rows(w, dtype) for w in weights) else None
+        self.native_rows = min(native_max_rows(w, dtype) for w in weights) if self.native is not None else 0
+        mappable = all(_maps_to_int4(w) for w in weights) and len({(_group_size(w), _code_bits(w)) for w in weights}) == 1
+        self.int4_rows = min(int4pack_max_rows(w, dtype) for w in weights) if mappable else 0
+        self.max_rows = max(self.native_rows, self.int4_rows)
+        self.packed: Int4Pack | None = None
+
+    def mm(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] <= self.native_rows:
+            return self.native.mm(rows)
+        if self.packed is None:
+            self.packed = fused_int4pack(list(self.weights))
+        return self.packed.mm(rows)
+
+
+def fused_kernel(weights: list, dtype: torch.dtype) -> FusedKernel | None:
+    """A ``FusedKernel`` of ``weights`` (all of one ``in_features``) in ``dtype``, or None when no fused path takes
+    them all alike (formats, group sizes, code widths differ, or neither kernel maps)."""
+    if not weights or len({w.shape[1] for w in weights}) != 1:
+        return None
+    fused = FusedKernel(tuple(weights), dtype)
+    return fused if fused.max_rows else None
 
 
 def int4pack_max_rows(weight, dtype: torch.dtype) -> int:
@@ -101,10 +261,17 @@ def describe(weight, dtype: torch.dtype) -> str:
     if device.type != "cpu":
         return "whole-layer dequantize + matmul"
     tiled = "tiled dequantize+matmul" if weight.tile_dequantizer() is not None else "whole-layer dequantize + matmul"
+    paths = []
+    if native_max_rows(weight, dtype):
+        paths.append(f"native int8-activation kernel ({LOWBIT.library().available_isas()[0]}) up to "
+                     f"{native_max_rows(weight, dtype)} tokens")
     limit = int4pack_max_rows(weight, dtype)
-    if limit:
-        return f"torch int4 kernel up to {limit} tokens, {tiled} above"
-    return tiled
+    if limit > native_max_rows(weight, dtype):
+        paths.append(f"torch int4 kernel up to {limit} tokens")
+    path = ", ".join([*paths, f"{tiled} above"]) if paths else tiled
+    if _native_layout(weight) is not None and kernel_choice() == "native" and LOWBIT.library() is None:
+        path += " (native kernel not built: see the warning)"
+    return path
 
 
 def _tiled_forward(weight, x: torch.Tensor) -> torch.Tensor:

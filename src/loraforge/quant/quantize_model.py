@@ -160,7 +160,10 @@ def bf16_supported(device: torch.device) -> bool:
     - CUDA: ``torch.cuda.is_bf16_supported(including_emulation=False)`` (compute capability 8.0+).
     - x86 CPU: AVX512-BF16 or AMX, from ``torch.cpu._is_avx512_bf16_supported()`` and
       ``torch.cpu._is_amx_tile_supported()``. ``torch.backends.cpu.get_cpu_capability()`` is not enough:
-      it says "AVX512" on CPUs without the bf16 instructions.
+      it says "AVX512" on CPUs without the bf16 instructions. Those probes read the CPU itself, so torch must
+      also be allowed to use the units: its kernels at AVX512 (``ATEN_CPU_CAPABILITY`` can cap them at AVX2)
+      and oneDNN's bf16 probe true (``ONEDNN_MAX_CPU_ISA=AVX2`` makes it false): how a CPU without bf16
+      units is emulated on one with them, where bf16 matmuls run 100x slower than fp32.
     - Other CPUs (ARM): oneDNN's bf16 probe, ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``.
     - Other devices: assumed yes.
     """
@@ -170,7 +173,9 @@ def bf16_supported(device: torch.device) -> bool:
         return True
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
         probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return any(probe() for probe in probes if probe is not None)
+        return (any(probe() for probe in probes if probe is not None)
+                and torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
+                and torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

@@ -35,8 +35,13 @@ class PagedKVCache:
         bs = self.block_size
         return [block_table[p // bs] for p in range(start, end)], [p % bs for p in range(start, end)]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor) -> None:
-        """Store ``k``, ``v`` ``(T, num_kv_heads, head_dim)`` of ``T`` tokens at their (page, offset) slots."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor,
+              ops=None) -> None:
+        """Store ``k``, ``v`` ``(T, num_kv_heads, head_dim)`` of ``T`` tokens at their (page, offset) slots, by the
+        native ``kv_write`` when ``ops`` (``loraforge.native``'s library) is given."""
+        if ops is not None:
+            ops.kv_write(self.blocks, layer, k, v, pages, offsets)
+            return
         self.blocks[:, layer, 0][pages, offsets] = k
         self.blocks[:, layer, 1][pages, offsets] = v
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from torch import nn
 
 from loraforge.models.kind import is_vision_language
 from loraforge.models.vision import VLM_MODEL_TYPES, vision_layout
+from loraforge.native import DECODE_OPS
 from loraforge.quant import kernels
 from loraforge.quant.base import QuantLinear
 from loraforge.serve.adapter_store import Adapter, TargetModule
@@ -48,6 +50,8 @@ from loraforge.serve.vision import PromptVision
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+"""Dtypes of the native decode ops (``_native_ops``)."""
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 """RoPE types whose frequencies don't depend on the sequence length, so they can be computed once."""
 
@@ -117,12 +121,13 @@ class FusedLinear:
 
 @dataclass(frozen=True)
 class FusedQuantLinear:
-    """Several ``QuantLinear`` of one input run as one call of torch's int4 kernel (per part) on decode-size
-    steps: ``packed`` holds their weights stacked along ``out_features`` (``kernels.fused_int4pack``), in
-    place of the packed copies the layers would build for themselves, so no memory is added. Steps of more
-    than ``max_rows`` tokens run the layers one by one (their tiled path, which packs nothing)."""
+    """Several ``QuantLinear`` of one input run as one kernel call on decode-size steps (``kernels.FusedKernel``):
+    our native kernel over the layers' own buffers up to ``packed.native_rows`` tokens, then torch's int4 kernel
+    on one pack of them all, built on first use in place of the packed copies the layers would build for
+    themselves, so no memory is added. Steps of more than ``max_rows`` tokens run the layers one by one (their
+    tiled path, which packs nothing)."""
 
-    packed: kernels.Int4Pack
+    packed: kernels.FusedKernel
     modules: tuple[QuantLinear, ...]
     bias: torch.Tensor | None
     sizes: tuple[int, ...]
@@ -136,15 +141,12 @@ class FusedQuantLinear:
         if not all(isinstance(m, QuantLinear) for m in modules) or len({m.compute_dtype for m in modules}) != 1:
             return None
         dtype = modules[0].compute_dtype
-        max_rows = min(kernels.int4pack_max_rows(m.qweight, dtype) for m in modules)
         biases = [m.bias for m in modules]
-        if not max_rows or len({b is None for b in biases}) != 1:
-            return None
-        packed = kernels.fused_int4pack([m.qweight for m in modules])
-        if packed is None:
+        packed = kernels.fused_kernel([m.qweight for m in modules], dtype)
+        if packed is None or len({b is None for b in biases}) != 1:
             return None
         bias = None if biases[0] is None else torch.cat(biases)
-        return cls(packed, tuple(modules), bias, tuple(m.out_features for m in modules), max_rows, dtype)
+        return cls(packed, tuple(modules), bias, tuple(m.out_features for m in modules), packed.max_rows, dtype)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x.dtype != self.dtype or x.numel() > self.max_rows * x.shape[-1]:
@@ -152,7 +154,27 @@ class FusedQuantLinear:
         y = self.packed.mm(x.reshape(-1, x.shape[-1]))
         if self.bias is not None:
             y += self.bias
-        return y.view(*x.shape[:-1], -1).split(self.sizes, dim=-1)
+        y = y.view(*x.shape[:-1], -1)
+        return (y,) if len(self.sizes) == 1 else y.split_with_sizes(self.sizes, dim=-1)
+
+
+class _LayerModules(NamedTuple):
+    """One decoder layer's modules, looked up once: a step would otherwise pay ~500 ``nn.Module`` attribute
+    lookups (~1 us each)."""
+
+    input_norm: nn.Module
+    post_norm: nn.Module
+    qkv: tuple[nn.Module, nn.Module, nn.Module]
+    o: tuple[nn.Module]
+    gate_up: tuple[nn.Module, nn.Module]
+    down: tuple[nn.Module]
+    act_fn: nn.Module
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> _LayerModules:
+        attn, mlp = layer.self_attn, layer.mlp
+        return cls(layer.input_layernorm, layer.post_attention_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj),
+                   (attn.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,), mlp.act_fn)
 
 
 class UnsupportedModelError(ValueError):
@@ -211,6 +233,8 @@ class ModelRunner:
         # a quantized o/down projection alone: the same packed kernel call, without QuantLinear's per-call checks
         self.fused_o = [_fused([layer.self_attn.o_proj], False, fuse_quantized) for layer in self.layers]
         self.fused_down = [_fused([layer.mlp.down_proj], False, fuse_quantized) for layer in self.layers]
+        self.modules = [_LayerModules.of(layer) for layer in self.layers]
+        self.silu = config.hidden_act == "silu"  # the MLP's activation, as the native silu_mul computes it
         self.targets = {
             f"{prefix}.layers.{i}.{part}.{proj}": TargetModule(i, proj, module.in_features, module.out_features)
             for i, layer in enumerate(self.layers)
@@ -233,32 +257,33 @@ class ModelRunner:
     def forward(self, batch: StepBatch, kv: PagedKVCache) -> torch.Tensor:
         """Run one step, writing every token's K/V to the cache; returns float32 logits ``(S, vocab)``."""
         h = self.embed(batch.input_ids)  # (T, hidden)
+        ops = _native_ops(h)
         if batch.images:
             self._put_image_features(h, batch)
         cos, sin = self._rope(batch.positions if batch.mrope_positions is None else batch.mrope_positions)
-        cos, sin = cos[:, None, :], _signed_sin(sin)[:, None, :]  # (T, 1, hd), shared by every layer's q and k
+        signed_sin = _signed_sin(sin)  # cos, signed_sin (T, hd): shared by every layer's q and k
         decode_masks: dict[int | None, torch.Tensor] = {}
         # one sequence decoding alone (single-stream serving): its keys are sliced to its length, no mask
         single_len = int(batch.decode_lens[0]) if len(batch.decode_rows) == 1 == len(batch.input_ids) else None
-        for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            x = _rms_norm(h, layer.input_layernorm)
-            q, k, v = self._projs(self.fused_qkv[i], (attn.q_proj, attn.k_proj, attn.v_proj), x, batch, i, ATTENTION_PROJS)
+        delta = None  # the last layer's MLP output, added to h together with the next norm
+        for i, m in enumerate(self.modules):
+            h, x = _add_rms_norm(h, delta, m.input_norm, ops)
+            q, k, v = self._projs(self.fused_qkv[i], m.qkv, x, batch, i, ATTENTION_PROJS)
             q = q.view(-1, self.num_heads, self.head_dim)
             k, v = (t.view(-1, self.num_kv_heads, self.head_dim) for t in (k, v))
-            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-            kv.write(i, k, v, batch.slot_pages, batch.slot_offsets)
+            q, k = _apply_rope(q, cos, signed_sin, ops), _apply_rope(k, cos, signed_sin, ops)
+            kv.write(i, k, v, batch.slot_pages, batch.slot_offsets, ops)
             window = self.windows[i]
-            if window not in decode_masks and batch.decode_rows.numel() and single_len is None:
+            if window not in decode_masks and batch.decode_rows.numel() and single_len is None and ops is None:
                 decode_masks[window] = _decode_mask(batch.decode_lens, batch.decode_tables.shape[1] * kv.block_size, window)
-            o = self._attention(i, q, k, v, batch, kv, decode_masks.get(window), single_len)
-            h = h + self._projs(self.fused_o[i], (attn.o_proj,), o.reshape(-1, self.num_heads * self.head_dim), batch, i,
-                                ("o_proj",))[0]
-            x = _rms_norm(h, layer.post_attention_layernorm)
-            gate, up = self._projs(self.fused_gate_up[i], (mlp.gate_proj, mlp.up_proj), x, batch, i, MLP_PROJS)
-            h = h + self._projs(self.fused_down[i], (mlp.down_proj,), mlp.act_fn(gate) * up, batch, i, ("down_proj",))[0]
-        last = _rms_norm(h.index_select(0, batch.logit_rows), self.norm)
-        return self.lm_head(last).float()
+            o = self._attention(i, q, k, v, batch, kv, decode_masks.get(window), single_len, ops)
+            [o] = self._projs(self.fused_o[i], m.o, o.reshape(-1, self.num_heads * self.head_dim), batch, i, ("o_proj",))
+            h, x = _add_rms_norm(h, o, m.post_norm, ops)
+            gate, up = self._projs(self.fused_gate_up[i], m.gate_up, x, batch, i, MLP_PROJS)
+            act = ops.silu_mul(gate, up) if ops is not None and self.silu else m.act_fn(gate) * up
+            [delta] = self._projs(self.fused_down[i], m.down, act, batch, i, ("down_proj",))
+        last = (h + delta).index_select(0, batch.logit_rows)
+        return self.lm_head(_add_rms_norm(last, None, self.norm, ops)[1]).float()
 
     def _proj(self, module: nn.Module, x: torch.Tensor, batch: StepBatch, layer: int, proj: str) -> torch.Tensor:
         return self._add_lora(module(x), module, x, batch, layer, proj)
@@ -267,6 +292,8 @@ class ModelRunner:
         """The outputs of ``modules`` (all of one input ``x``), by one fused GEMM when ``fused`` is given."""
         if fused is None:
             return tuple(self._proj(module, x, batch, layer, name) for module, name in zip(modules, names))
+        if batch.segments is None:  # no adapter in this step
+            return fused(x)
         return tuple(self._add_lora(y, module, x, batch, layer, name) for y, module, name in zip(fused(x), modules, names))
 
     def _add_lora(self, y: torch.Tensor, module: nn.Module, x: torch.Tensor, batch: StepBatch, layer: int, proj: str) -> torch.Tensor:
@@ -299,12 +326,17 @@ class ModelRunner:
         return (emb.cos() * self.rope_scaling).to(self.dtype), (emb.sin() * self.rope_scaling).to(self.dtype)
 
     def _attention(self, layer, q, k, v, batch: StepBatch, kv: PagedKVCache, decode_mask,
-                   single_len: int | None = None) -> torch.Tensor:
+                   single_len: int | None = None, ops=None) -> torch.Tensor:
         """Attention output ``(T, heads, head_dim)`` for q ``(T, heads, hd)`` and this step's k, v ``(T, kv_heads, hd)``.
 
-        ``single_len``: the KV length when the step is one decoding sequence alone. Its keys are then sliced
+        Decoding tokens attend to the cache through ``ops.paged_decode_attention`` (the native ops, see
+        ``_native_ops``) when given, reading their block tables in place; else by torch's attention over gathered
+        K/V. There, ``single_len``, the KV length when the step is one decoding sequence alone, has its keys sliced
         to that length (and to the layer's window) instead of masked: no mask to build, no padded keys.
         """
+        if ops is not None and len(batch.decode_rows) == len(q):
+            return ops.paged_decode_attention(q, kv.blocks, layer, batch.decode_tables, batch.decode_lens,
+                                              self.windows[layer] or 0)
         if single_len is not None:
             window = self.windows[layer]
             first = 0 if window is None else max(0, single_len - window)
@@ -335,7 +367,10 @@ class ModelRunner:
             qi = q[start:end].transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(qi, keys[:, :, :total], values[:, :, :total], attn_mask=mask, enable_gqa=True)
             out[start:end] = o[0].transpose(0, 1)
-        if batch.decode_rows.numel():
+        if batch.decode_rows.numel() and ops is not None:
+            out[batch.decode_rows] = ops.paged_decode_attention(q.index_select(0, batch.decode_rows), kv.blocks, layer,
+                                                                batch.decode_tables, batch.decode_lens, window or 0)
+        elif batch.decode_rows.numel():
             keys, values = kv.gather(layer, batch.decode_tables)  # (D, kv_heads, L, hd)
             qd = q.index_select(0, batch.decode_rows)[:, :, None, :]  # (D, heads, 1, hd)
             o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=decode_mask, enable_gqa=True)
@@ -368,10 +403,25 @@ def _decode_mask(lens: torch.Tensor, width: int, window: int | None) -> torch.Te
     return mask[:, None, None, :]
 
 
-def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """transformers' Llama RMSNorm (float32 statistics, weight applied in the input dtype), by torch's own
-    ``rms_norm``, which computes the same float32 steps in one call."""
-    return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype)
+def _native_ops(h: torch.Tensor):
+    """The native decode ops (``native/decode_ops.cpp``: fused norm, RoPE, KV write, paged decode attention) for a step
+    whose hidden states are ``h``, or None to run torch's ops: off the CPU, in dtypes they don't take, or where the
+    library could not be built."""
+    if h.device.type != "cpu" or h.dtype not in NATIVE_DTYPES:
+        return None
+    return DECODE_OPS.library()
+
+
+def _add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module, ops) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h + delta, norm(h + delta))`` (``h`` itself when ``delta`` is None), the norm being transformers' Llama
+    RMSNorm (float32 statistics, weight applied in the input dtype): one native call, or torch's own ``rms_norm``,
+    which computes the same float32 steps in one call."""
+    if ops is not None and norm.weight.dtype == h.dtype:
+        out = ops.rms_norm(h, delta, norm.weight, norm.variance_epsilon)
+        return (h, out[0]) if delta is None else (out[0], out[1])
+    if delta is not None:
+        h = h + delta
+    return h, norm.weight * F.rms_norm(h.float(), h.shape[-1:], eps=norm.variance_epsilon).to(h.dtype)
 
 
 def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
@@ -380,7 +430,11 @@ def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
     return torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``(T, heads, hd)`` by per-token ``cos``/``signed_sin`` ``(T, 1, hd)`` (rotate-half convention:
-    ``x·cos + cat(−x₂, x₁)·sin``, the very same products, with the sign moved into ``signed_sin``)."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, ops) -> torch.Tensor:
+    """Rotate ``x`` ``(T, heads, hd)`` by per-token ``cos``/``signed_sin`` ``(T, hd)`` (rotate-half convention:
+    ``x·cos + cat(−x₂, x₁)·sin``, the very same products, with the sign moved into ``signed_sin``); the native op
+    rotates ``x`` in place."""
+    if ops is not None and x.dtype == cos.dtype:
+        ops.rope_(x, cos, signed_sin)
+        return x
+    return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin[:, None]

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from loraforge.config import Config
+from loraforge.train.loss import summed_cross_entropy
 
 COMPONENTS = ("runtime", "weights", "adapter", "gradients", "optimizer", "activations", "logits", "allocator")
 """The parts of the estimate, in the order they are reported."""
@@ -211,8 +212,8 @@ class _Parts:
         if config.train.gradient_checkpointing:  # the layer inputs, and one layer recomputed at a time
             activations = self.layers * self.hidden_bytes_per_token * tokens + one_layer
         activations += one_layer  # the gradients of the layer being differentiated
-        # the saved log-softmax, its gradient and the logits' gradient are alive at once in backward
-        logits = self.logit_bytes_per_token * tokens * 3
+        # the loss keeps the logits and turns them into their own gradient in backward (train.loss.summed_cross_entropy)
+        logits = self.logit_bytes_per_token * tokens
         return {
             "runtime": self.runtime_bytes,
             "weights": self.weight_bytes,
@@ -350,7 +351,6 @@ def _saved_bytes(model: nn.Module, tokens: int, dtype: torch.dtype) -> tuple[int
 
     Runs the meta model under ``FakeTensorMode`` (transformers then skips its data-dependent mask checks)
     with the attention swapped for a fused kernel's footprint (see the module docstring)."""
-    import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.autograd.graph import saved_tensors_hooks
 
@@ -374,7 +374,7 @@ def _saved_bytes(model: nn.Module, tokens: int, dtype: torch.dtype) -> tuple[int
                 hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state  # (1, T, H)
                 decoder = sum(saved.values())
                 logits = model.get_output_embeddings()(hidden[0])  # (T, V)
-                F.cross_entropy(logits.float(), ids[0], reduction="sum")
+                summed_cross_entropy(logits.float(), ids[0])
     finally:
         model.config._attn_implementation = previous
     return decoder, sum(saved.values()) - decoder

@@ -1,0 +1,114 @@
+"""The training forward of an adapted linear (the update added into the base output in place, one GEMM) against
+PEFT: same outputs and the same gradients for A, B and the input, on dense and quantized bases."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from loraforge.adapters import AdapterSpec, add_adapter, mark_only_adapters_trainable
+from loraforge.adapters.layer import AdaptedLinear
+from loraforge.adapters.lora import LoraAdapter
+from loraforge.adapters.qalora import QALoraAdapter
+from loraforge.models import tiny_model
+from loraforge.quant.base import QuantLinear
+from loraforge.quant.blockwise4bit import Blockwise4bitWeight
+from loraforge.quant.intk import quantize_intk
+from tests.references import require
+
+BASES = {
+    "dense": lambda w: None,
+    "nf4": lambda w: Blockwise4bitWeight.from_dense(w, "nf4", block_size=64, double_quant=True),
+    "int4-g32": lambda w: quantize_intk(w, 4, 32),
+    "q4_1": lambda w: quantize_intk(w, 4, 32).to_q4_1(),
+}
+
+
+def adapted_layer(base: str, method: str) -> AdaptedLinear:
+    torch.manual_seed(0)
+    dense = nn.Linear(128, 48, bias=True)
+    dense.requires_grad_(False)
+    weight = BASES[base](dense.weight.data)
+    layer = dense if weight is None else QuantLinear(weight, dense.bias, torch.float32)
+    cls = QALoraAdapter if method == "qalora" else LoraAdapter
+    wrapped = AdaptedLinear(layer)
+    wrapped.adapters["a"] = cls(layer, r=4, scaling=1.5, dropout=0.0, init="none")
+    wrapped.active.append("a")
+    return wrapped
+
+
+def peft_reference(layer: AdaptedLinear, method: str, x: torch.Tensor) -> torch.Tensor:
+    """PEFT's LoRA forward (``lora_B(lora_A(x)) * scaling`` added to the base output), or its QA-LoRA variant's."""
+    adapter = layer.adapters["a"]
+    result = layer.base_layer(x)
+    if method == "lora":
+        return result + nn.functional.linear(nn.functional.linear(x, adapter.lora_A), adapter.lora_B) * adapter.scaling
+    variants = require("peft.tuners.lora.variants")
+    module = SimpleNamespace(lora_A={"a": SimpleNamespace(weight=adapter.lora_A)},
+                             lora_B={"a": SimpleNamespace(weight=adapter.lora_B)}, lora_dropout={"a": nn.Identity()},
+                             scaling={"a": adapter.scaling}, qalora_group_size={"a": adapter.group_size},
+                             in_features=x.shape[-1], training=True)
+    return variants.QALoraLinearVariant.forward(module, "a", x, result)
+
+
+def grads(layer: AdaptedLinear, forward, x: torch.Tensor, grad_out: torch.Tensor):
+    x = x.clone().requires_grad_()
+    out = forward(x)
+    out.backward(grad_out)
+    adapter = layer.adapters["a"]
+    result = (out.detach(), x.grad, adapter.lora_A.grad, adapter.lora_B.grad)
+    adapter.lora_A.grad = adapter.lora_B.grad = None
+    return result
+
+
+@pytest.mark.parametrize(("base", "method"), [("dense", "lora"), ("nf4", "lora"), ("int4-g32", "qalora"),
+                                              ("q4_1", "qalora"), ("q4_1", "lora")])
+def test_training_forward_and_gradients_equal_peft(base, method):
+    layer = adapted_layer(base, method)
+    x = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(1))
+    grad_out = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(2))
+    ours = grads(layer, layer, x, grad_out)
+    theirs = grads(layer, lambda v: peft_reference(layer, method, v), x, grad_out)
+    for name, a, b in zip(("output", "input grad", "lora_A grad", "lora_B grad"), ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_inference_leaves_the_base_output_alone_and_equals_training():
+    """Without autograd the update is added out of place (a kernel may hand back a buffer of its own)."""
+    layer = adapted_layer("nf4", "lora")
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        inference = layer(x)
+    torch.testing.assert_close(inference, layer(x).detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_peft_training_step_matches_ours_on_a_model():
+    """Loss and every adapter gradient of one step on a tiny Llama, ours against PEFT's LoRA with the same weights."""
+    peft = require("peft")
+    ids = torch.randint(0, 250, (2, 13), generator=torch.Generator().manual_seed(4))
+    ours = tiny_model("tiny-llama")
+    torch.manual_seed(0)
+    add_adapter(ours, AdapterSpec(method="lora", r=4, alpha=8, init="none"))
+    mark_only_adapters_trainable(ours)
+    theirs = peft.get_peft_model(tiny_model("tiny-llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                             init_lora_weights=False))
+    mine = {name.replace(".adapters.default.", ".").replace(".base_layer", ""): p
+            for name, p in ours.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                key = name.removeprefix("base_model.model.").replace(".default.weight", "").replace(".base_layer", "")
+                p.copy_(mine[key])
+    loss_ours = ours(ids, labels=ids).loss
+    loss_ours.backward()
+    loss_theirs = theirs(ids, labels=ids).loss
+    loss_theirs.backward()
+    torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-5, atol=1e-6)
+    checked = 0
+    for name, p in theirs.named_parameters():
+        if p.requires_grad:
+            key = name.removeprefix("base_model.model.").replace(".default.weight", "").replace(".base_layer", "")
+            torch.testing.assert_close(mine[key].grad, p.grad, rtol=1e-4, atol=1e-6)
+            checked += 1
+    assert checked == len(mine) > 0
