@@ -12,7 +12,8 @@
    each in ``--rounds`` interleaved rounds, keeping each one's best (the machine is shared).
 2. Where a Q4_1 decode step's time goes: ``torch.profiler`` over ``--profile-steps`` single-stream decode
    steps, the ops' own (self) CPU time summed by kind (matmul, attention, everything else) and the rest of
-   the step's wall time, which is Python and dispatch (the profiler's own cost included, so that share is
+   the step's wall time, which is Python and dispatch plus our native kernel and decode ops (``loraforge.native``,
+   pybind11 calls the profiler doesn't see), the profiler's own cost included (so that share is
    an upper bound), plus the top ops with their shapes.
 3. Batched decode: the time of one decode step of 32 sequences with no adapter and with 8 distinct
    adapters (``serve_slora.decode_step_times``; S-LoRA's random adapters, ranks 8-64 on q/k/v/o), Q4_1
@@ -103,7 +104,7 @@ class Ours:
         for event in prof.key_averages():
             kind = next((k for k, marks in KINDS.items() if any(m in event.key.lower() for m in marks)), "other ops")
             kinds[kind] += event.self_cpu_time_total / 1000 / steps
-        kinds["Python and dispatch (wall - ops)"] = wall - sum(kinds.values())
+        kinds["Python, dispatch and loraforge.native's kernels (wall - torch ops)"] = wall - sum(kinds.values())
         top = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
         return wall, dict(kinds), [(e.key, str(e.input_shapes)[:60], e.self_cpu_time_total / 1000 / steps) for e in top]
 
