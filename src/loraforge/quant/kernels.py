@@ -204,6 +204,7 @@ class NativeGroup:
         self.tensors = tuple(list(t) for t in zip(*(_native_tensors(w) for w in weights)))
         self.codes_name = "qs" if weights[0].format in _NATIVE_LAYOUTS else "codes"
         self.bits = layout[0]
+
     def mm(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows (M, in) @ W.T`` -> ``(M, out_features)`` in ``rows.dtype``."""
         return LOWBIT.library().mm(rows, *self.tensors, *self.layout, "")

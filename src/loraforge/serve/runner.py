@@ -235,6 +235,8 @@ class ModelRunner:
         self.fused_down = [_fused([layer.mlp.down_proj], False, fuse_quantized) for layer in self.layers]
         self.modules = [_LayerModules.of(layer) for layer in self.layers]
         self.silu = config.hidden_act == "silu"  # the MLP's activation, as the native silu_mul computes it
+        if self.device.type == "cpu":
+            DECODE_OPS.library()  # built (first use on this machine, ~30 s) while the model loads, not on a request
         self.targets = {
             f"{prefix}.layers.{i}.{part}.{proj}": TargetModule(i, proj, module.in_features, module.out_features)
             for i, layer in enumerate(self.layers)
