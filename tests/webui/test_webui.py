@@ -300,11 +300,11 @@ def test_estimate_and_yaml_preview(page, data, artifacts):
 
     choose(page, "model-kind", "tiny-llama")
     fill(page, "data-path", data["good"])
-    page.get_by_text("YAML and CLI").click()
-    page.click("#estimate")
+    page.click("#estimate")  # before the accordion below opens: a fresh run once found the button moving for 60 s
     report = wait_text(page, "estimate-out", "fits", timeout=180)
     assert all(part in report for part in ("weights", "adapter", "optimizer", "activations", "logits"))
     assert not page.locator("#error-model").is_visible()
+    page.get_by_text("YAML and CLI").click()
     wait_text(page, "yaml-preview", "source: tiny-llama")
     assert "loraforge train" in text_of(page, "cli-preview")
     # the page shows the library's estimate of its config: the form's defaults are the schema's
