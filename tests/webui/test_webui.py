@@ -441,11 +441,14 @@ def export_from_the_page(page, run: str, fmt: str, out: Path, gguf_type: str | N
     tab(page, "Export")
     choose(page, "export-run", run)
     page.locator("#export-format").get_by_text(fmt, exact=True).click()
+    # choosing a run or a format fills in that run's default output; wait for it, or it lands after ours
+    wait_text(page, "export-out", re.escape("merged.gguf" if fmt == "gguf" else "merged") + "$")
     if gguf_type:
         choose(page, "export-type", gguf_type)
     fill(page, "export-out", out)
+    wait_text(page, "export-out", re.escape(str(out)) + "$")
     page.click("#export-button")
-    wait_text(page, "export-result", "Exported to", timeout=240)
+    wait_text(page, "export-result", re.escape(f"Exported to {out}") + "$", timeout=240)
     assert "wrote" in text_of(page, "export-progress")
 
 
