@@ -70,13 +70,15 @@ def test_kv_write_stores_each_token_where_the_cache_indexes_it(ops, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [0, 5, 40])
-def test_paged_decode_attention_is_sdpa_over_each_sequences_own_keys(ops, dtype, window):
-    """Three sequences of different lengths over scattered pages, 6 query heads on 2 KV heads."""
+@pytest.mark.parametrize("head_dim", [32, 24])
+def test_paged_decode_attention_is_sdpa_over_each_sequences_own_keys(ops, dtype, window, head_dim):
+    """Three sequences of different lengths over scattered pages, 6 query heads on 2 KV heads (head_dim 32 takes the
+    vector path, 24 the portable one)."""
     block_size = 16
-    blocks = pool(dtype, block_size=block_size)
+    blocks = pool(dtype, block_size=block_size, head_dim=head_dim)
     tables = torch.tensor([[4, 9, 2, 0], [7, 0, 0, 0], [1, 3, 11, 12]])
     lens = torch.tensor([33, 1, 64])
-    q = torch.randn(3, 6, 32, generator=torch.Generator().manual_seed(4)).to(dtype)
+    q = torch.randn(3, 6, head_dim, generator=torch.Generator().manual_seed(4)).to(dtype)
     out = ops.paged_decode_attention(q, blocks, 2, tables, lens, window)
     cache = PagedKVCache.__new__(PagedKVCache)
     cache.blocks, cache.block_size = blocks, block_size
@@ -87,6 +89,50 @@ def test_paged_decode_attention_is_sdpa_over_each_sequences_own_keys(ops, dtype,
                                                   values[s:s + 1, :, first:n].float(), enable_gqa=True)[0, :, 0]
         tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 8e-3, "rtol": 8e-3}
         torch.testing.assert_close(out[s].float(), expected, **tolerance)
+
+
+def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' Llama RoPE of ``x`` ``(T, heads, hd)`` by per-token ``cos``/``sin`` ``(T, hd)``."""
+    half = x.shape[-1] // 2
+    return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [32, 24])
+@pytest.mark.parametrize("window", [0, 5])
+def test_decode_attention_step_is_rope_then_the_cache_write_then_sdpa(ops, dtype, head_dim, window):
+    """One new token for each of three sequences, from a fused q/k/v projection's output (6 query heads on 2 KV
+    heads; head_dim 32 takes the vector path, 24 the portable one)."""
+    block_size, heads, layer = 16, 6, 2
+    blocks = pool(dtype, block_size=block_size, head_dim=head_dim)
+    g = torch.Generator().manual_seed(6)
+    fused = torch.randn(3, (heads + 4) * head_dim, generator=g).to(dtype)
+    q, k, v = fused.split([heads * head_dim, 2 * head_dim, 2 * head_dim], dim=1)
+    cos, sin = torch.randn(3, head_dim, generator=g).to(dtype), torch.randn(3, head_dim, generator=g).to(dtype)
+    tables = torch.tensor([[4, 9, 2, 0], [7, 0, 0, 0], [1, 3, 11, 12]])
+    lens = torch.tensor([33, 1, 64])  # each sequence's new token is its last position
+    pages, offsets = tables[torch.arange(3), (lens - 1) // block_size], (lens - 1) % block_size
+
+    q_rot = rotate_half_rope(q.view(3, heads, head_dim), cos, sin)
+    k_rot = rotate_half_rope(k.view(3, 2, head_dim), cos, sin)
+    expected_blocks = blocks.clone()
+    expected_blocks[:, layer, 0][pages, offsets] = k_rot
+    expected_blocks[:, layer, 1][pages, offsets] = v.view(3, 2, head_dim)
+    cache = PagedKVCache.__new__(PagedKVCache)
+    cache.blocks, cache.block_size = expected_blocks, block_size
+    keys, values = cache.gather(layer, tables)
+
+    half = head_dim // 2
+    out = ops.decode_attention_step(q, k, v, cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), blocks, layer,
+                                    pages, offsets, tables, lens, window)
+    assert torch.equal(blocks, expected_blocks)
+    assert out.shape == (3, heads * head_dim)
+    tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 8e-3, "rtol": 8e-3}
+    for s, n in enumerate(lens.tolist()):
+        first = max(0, n - window) if window else 0
+        expected = F.scaled_dot_product_attention(q_rot[s, :, None].float()[None], keys[s:s + 1, :, first:n].float(),
+                                                  values[s:s + 1, :, first:n].float(), enable_gqa=True)[0, :, 0]
+        torch.testing.assert_close(out[s].view(heads, head_dim).float(), expected, **tolerance)
 
 
 def test_bad_layouts_are_refused_with_what_is_expected(ops):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from loraforge.models import tiny_model
+from loraforge.native import DECODE_OPS
 from loraforge.serve import Engine, Request
 from loraforge.serve.runner import FusedQuantLinear, ModelRunner
 
@@ -48,20 +49,29 @@ def test_batched_paged_decode_equals_hf_greedy(family, overrides, tokenizer):
 
 
 @pytest.mark.parametrize(("family", "overrides"), FAMILIES, ids=IDS)
-@pytest.mark.usefixtures("decode_ops")
-def test_one_sequence_decoding_alone_equals_hf_greedy(family, overrides, tokenizer):
-    """A lone decoding sequence attends through the native paged decode attention, or, with torch's ops, takes the
-    sliced-keys path (no mask; the window applied by slicing)."""
+def test_one_sequence_decoding_alone_equals_hf_greedy(family, overrides, tokenizer, decode_ops, monkeypatch):
+    """A lone decoding sequence attends through the native decode step (RoPE, KV write and paged attention in one
+    call), or, with torch's ops, takes the sliced-keys path (no mask; the window applied by slicing)."""
     model = tiny_model(family, **overrides)
     engine = Engine(model, tokenizer, max_rank=16, pool_bytes=1 << 22)
     lone_steps = []
-    original = engine.runner._attention
+    if decode_ops == "native":
+        library = DECODE_OPS.library()
+        original = library.decode_attention_step
 
-    def recording_attention(*args):
-        lone_steps.append(args[7] is not None)  # single_len
-        return original(*args)
+        def recording_step(*args):
+            lone_steps.append(args[0].shape[0] == 1)  # one query token
+            return original(*args)
 
-    engine.runner._attention = recording_attention
+        monkeypatch.setattr(library, "decode_attention_step", recording_step)
+    else:
+        original = engine.runner._attention
+
+        def recording_attention(*args):
+            lone_steps.append(args[7] is not None)  # single_len
+            return original(*args)
+
+        engine.runner._attention = recording_attention
     prompt = "The quick brown fox jumps over the lazy dog, twice."
     [out] = engine.generate([Request(prompt, greedy(max_tokens=30))])
     ids = tokenizer(prompt, return_tensors="pt").input_ids

@@ -1,4 +1,4 @@
-// The serving engine's small per-layer ops, each one call instead of several torch ops (``serve/native_ops.py``).
+// The serving engine's small per-layer ops, each one call instead of several torch ops (``serve/runner.py``).
 //
 // A decode step of a small model is dominated by per-op dispatch, not by arithmetic: every torch op costs
 // microseconds whatever its size, and a Llama layer runs dozens of them. These fuse the ones around the
@@ -9,7 +9,8 @@
 //   - rope: ``x*cos + roll(x, hd/2)*signed_sin`` in place on q and k, each product and the sum rounded;
 //   - paged_decode_attention: one query token per sequence attending to its keys in the paged KV cache,
 //     read through its block table (no gather), with grouped-query heads and an optional sliding window;
-//     it first stores the step's new K/V at their slots.
+//   - kv_write: the step's new K/V stored at their slots;
+//   - decode_attention_step: a decode-only step's RoPE, KV write and attention of one layer in one call.
 // Accumulation is float32 throughout; the outputs are rounded once to the tensors' dtype.
 
 #include <torch/extension.h>
@@ -38,6 +39,105 @@ inline void widen_row(const c10::BFloat16* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define AVX512_PATH 1
+#define AVX512 __attribute__((target("avx512f")))
+// torch's own vectorized exp, exported by libtorch_cpu: the exp that torch's CPU kernels (F.silu among them) use on
+// AVX512, so our silu rounds as theirs does
+extern "C" __m512 Sleef_expf16_u10avx512f(__m512);
+
+const bool kAvx512 = __builtin_cpu_supports("avx512f");
+
+AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+AVX512 inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// ``x`` rounded to bf16 and widened back: c10::BFloat16's round to nearest even, NaN kept a quiet NaN
+AVX512 inline __m512 round_bf16(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
+                                           _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm512_mask_mov_ps(_mm512_castsi512_ps(rounded), _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_ps(NAN));
+}
+
+template <typename T>
+AVX512 inline __m512 round_to(__m512 x) { return std::is_same<T, float>::value ? x : round_bf16(x); }
+
+AVX512 inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+AVX512 inline void store16(c10::BFloat16* p, __m512 x) {  // ``x`` already rounded to bf16
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x), 16)));
+}
+
+// silu(gate)·up over the first multiple of 16 of ``n`` (returned); the silu rounded to T before the product
+template <typename T>
+AVX512 int64_t silu_mul_avx512(const T* gate, const T* up, T* out, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 g = load16(gate + i);
+    const __m512 silu = round_to<T>(_mm512_div_ps(g, _mm512_add_ps(one, Sleef_expf16_u10avx512f(
+        _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign))))));
+    store16(out + i, round_to<T>(_mm512_mul_ps(silu, load16(up + i))));
+  }
+  return i;
+}
+
+// ``x[j] = exp(x[j] − top)`` for the first multiple of 16 of ``n`` (returned), each rounded to bf16 if asked; adds
+// the unrounded exps to ``total``
+AVX512 int64_t exp_shifted_avx512(float* x, int64_t n, float top, bool bf16, float& total) {
+  const __m512 shift = _mm512_set1_ps(top);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = Sleef_expf16_u10avx512f(_mm512_sub_ps(_mm512_loadu_ps(x + j), shift));
+    sum = _mm512_add_ps(sum, e);
+    _mm512_storeu_ps(x + j, bf16 ? round_bf16(e) : e);
+  }
+  total += _mm512_reduce_add_ps(sum);
+  return j;
+}
+
+// attend()'s score and value passes for a head_dim that is a multiple of 16, up to 256, one K or V row in registers
+template <typename T>
+AVX512 void scores_avx512(const float* q, int64_t group, int64_t hd, const void* const* keys, int64_t n, float scale,
+                          float* scores) {
+  const int64_t chunks = hd / 16;
+  __m512 row[16];
+  for (int64_t j = 0; j < n; ++j) {
+    const T* k = static_cast<const T*>(keys[j]);
+    for (int64_t c = 0; c < chunks; ++c) row[c] = load16(k + 16 * c);
+    for (int64_t h = 0; h < group; ++h) {
+      const float* qh = q + h * hd;
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), row[0]);
+      for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), row[c], acc);
+      scores[h * n + j] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+}
+
+template <typename T>
+AVX512 void weigh_values_avx512(int64_t group, int64_t hd, const void* const* values, int64_t n, const float* scores,
+                                float* out) {
+  const int64_t chunks = hd / 16;
+  __m512 row[16];
+  for (int64_t j = 0; j < n; ++j) {
+    const T* v = static_cast<const T*>(values[j]);
+    for (int64_t c = 0; c < chunks; ++c) row[c] = load16(v + 16 * c);
+    for (int64_t h = 0; h < group; ++h) {
+      const __m512 w = _mm512_set1_ps(scores[h * n + j]);
+      float* oh = out + h * hd;
+      for (int64_t c = 0; c < chunks; ++c)
+        _mm512_storeu_ps(oh + 16 * c, _mm512_fmadd_ps(w, row[c], _mm512_loadu_ps(oh + 16 * c)));
+    }
+  }
+}
+#endif
+
 // Built for AVX512 and AVX2 as well as the baseline, one picked once by the CPU (GCC's target_clones); the
 // static inline loops it calls are compiled into each, and ``#pragma omp simd`` lets reductions vectorize.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -51,6 +151,12 @@ inline void widen_row(const c10::BFloat16* src, float* dst, int64_t n) {
 // The softmax weights are rounded to bf16 for a bf16 cache before weighting V, as torch's SDPA kernel does.
 VECTOR_CLONES void attend(const float* q, int64_t group, int64_t hd, const void* const* keys, const void* const* values,
                           int64_t n, bool bf16, float scale, float* scores, float* row, float* totals, float* out) {
+#ifdef AVX512_PATH
+  const bool vector_rows = kAvx512 && hd % 16 == 0 && hd <= 256;
+  if (vector_rows && bf16) scores_avx512<c10::BFloat16>(q, group, hd, keys, n, scale, scores);
+  else if (vector_rows) scores_avx512<float>(q, group, hd, keys, n, scale, scores);
+  else
+#endif
   for (int64_t j = 0; j < n; ++j) {
     if (bf16) widen_row(static_cast<const c10::BFloat16*>(keys[j]), row, hd);
     else widen_row(static_cast<const float*>(keys[j]), row, hd);
@@ -67,12 +173,23 @@ VECTOR_CLONES void attend(const float* q, int64_t group, int64_t hd, const void*
     float top = -INFINITY;
     for (int64_t j = 0; j < n; ++j) top = std::max(top, sc[j]);
     float total = 0.f;
-    for (int64_t j = 0; j < n; ++j) total += (sc[j] = std::exp(sc[j] - top));
-    if (bf16)
-      for (int64_t j = 0; j < n; ++j) sc[j] = static_cast<float>(c10::BFloat16(sc[j]));
+    int64_t j = 0;
+#ifdef AVX512_PATH
+    if (kAvx512) j = exp_shifted_avx512(sc, n, top, bf16, total);
+#endif
+    for (; j < n; ++j) {
+      const float e = std::exp(sc[j] - top);
+      total += e;
+      sc[j] = bf16 ? static_cast<float>(c10::BFloat16(e)) : e;
+    }
     totals[h] = total;
     for (int64_t i = 0; i < hd; ++i) out[h * hd + i] = 0.f;
   }
+#ifdef AVX512_PATH
+  if (vector_rows && bf16) weigh_values_avx512<c10::BFloat16>(group, hd, values, n, scores, out);
+  else if (vector_rows) weigh_values_avx512<float>(group, hd, values, n, scores, out);
+  else
+#endif
   for (int64_t j = 0; j < n; ++j) {
     if (bf16) widen_row(static_cast<const c10::BFloat16*>(values[j]), row, hd);
     else widen_row(static_cast<const float*>(values[j]), row, hd);
@@ -174,11 +291,16 @@ void decode_attention(const T* q, T* out, const T* blocks, const int64_t* tables
 template <typename T>
 void silu_mul_rows(const T* gate, const T* up, T* out, int64_t rows, int64_t n, int64_t gate_stride, int64_t up_stride) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t i = 0; i < n; ++i) {
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t i = 0;
+#ifdef AVX512_PATH
+      if (kAvx512) i = silu_mul_avx512(gate + r * gate_stride, up + r * up_stride, out + r * n, n);
+#endif
+      for (; i < n; ++i) {
         const float g = widen(gate[r * gate_stride + i]);
         out[r * n + i] = narrow<T>(widen(narrow<T>(g / (1.f + std::exp(-g)))) * widen(up[r * up_stride + i]));
       }
+    }
   });
 }
 
@@ -285,6 +407,25 @@ void kv_write(torch::Tensor& blocks, int64_t layer, const torch::Tensor& k, cons
   }
 }
 
+// A decode-only step's attention for one layer, in one call: rope_ on q and k, kv_write of k and v, then
+// paged_decode_attention. q (T, heads·hd), k and v (T, kv_heads·hd) are row views of the fused q/k/v projection's
+// output (one token per sequence); returns (T, heads·hd), the o projection's input.
+torch::Tensor decode_attention_step(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& cos,
+                                    const torch::Tensor& signed_sin, torch::Tensor& blocks, int64_t layer,
+                                    const torch::Tensor& pages, const torch::Tensor& offsets, const torch::Tensor& tables,
+                                    const torch::Tensor& lens, int64_t window) {
+  TORCH_CHECK(blocks.dim() == 6, "blocks must be the (pages, layers, 2, block_size, kv_heads, head_dim) pool");
+  const int64_t hd = blocks.size(5), kv_heads = blocks.size(4);
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && v.dim() == 2 && q.size(1) % hd == 0 && k.size(1) == kv_heads * hd &&
+              v.size(1) == kv_heads * hd, "q, k and v must be (tokens, heads * head_dim) rows of the pool's head_dim");
+  auto q3 = q.view({q.size(0), q.size(1) / hd, hd});
+  auto k3 = k.view({k.size(0), kv_heads, hd});
+  rope_(q3, cos, signed_sin);
+  rope_(k3, cos, signed_sin);
+  kv_write(blocks, layer, k3, v.view({v.size(0), kv_heads, hd}), pages, offsets);
+  return paged_decode_attention(q3, blocks, layer, tables, lens, window).view({q.size(0), q.size(1)});
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "LlamaRMSNorm of x (rows, n), optionally of h = x + delta; returns [y] or [h, y]");
   m.def("silu_mul", &silu_mul, "silu(gate) * up for (rows, n) gate and up, each rounded to their dtype");
@@ -292,4 +433,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kv_write", &kv_write, "store k, v (tokens, kv_heads, head_dim) at their (page, offset) slots of one layer");
   m.def("paged_decode_attention", &paged_decode_attention,
         "attention of one query token per sequence over its paged K/V; q (seqs, heads, head_dim)");
+  m.def("decode_attention_step", &decode_attention_step,
+        "rope_ on q and k, kv_write, paged_decode_attention: a decode-only step's attention of one layer");
 }

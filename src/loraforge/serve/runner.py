@@ -267,25 +267,39 @@ class ModelRunner:
         decode_masks: dict[int | None, torch.Tensor] = {}
         # one sequence decoding alone (single-stream serving): its keys are sliced to its length, no mask
         single_len = int(batch.decode_lens[0]) if len(batch.decode_rows) == 1 == len(batch.input_ids) else None
+        # decodes only, with the native ops: each layer's RoPE, KV write and attention are one native call
+        decode_step = ops is not None and len(batch.decode_rows) == len(batch.input_ids) and kv.blocks.dtype == h.dtype
         delta = None  # the last layer's MLP output, added to h together with the next norm
         for i, m in enumerate(self.modules):
             h, x = _add_rms_norm(h, delta, m.input_norm, ops)
             q, k, v = self._projs(self.fused_qkv[i], m.qkv, x, batch, i, ATTENTION_PROJS)
-            q = q.view(-1, self.num_heads, self.head_dim)
-            k, v = (t.view(-1, self.num_kv_heads, self.head_dim) for t in (k, v))
-            q, k = _apply_rope(q, cos, signed_sin, ops), _apply_rope(k, cos, signed_sin, ops)
-            kv.write(i, k, v, batch.slot_pages, batch.slot_offsets, ops)
-            window = self.windows[i]
-            if window not in decode_masks and batch.decode_rows.numel() and single_len is None and ops is None:
-                decode_masks[window] = _decode_mask(batch.decode_lens, batch.decode_tables.shape[1] * kv.block_size, window)
-            o = self._attention(i, q, k, v, batch, kv, decode_masks.get(window), single_len, ops)
-            [o] = self._projs(self.fused_o[i], m.o, o.reshape(-1, self.num_heads * self.head_dim), batch, i, ("o_proj",))
+            if decode_step:
+                o = ops.decode_attention_step(q, k, v, cos, signed_sin, kv.blocks, i, batch.slot_pages,
+                                              batch.slot_offsets, batch.decode_tables, batch.decode_lens,
+                                              self.windows[i] or 0)
+            else:
+                o = self._attention_layer(i, q, k, v, cos, signed_sin, batch, kv, decode_masks, single_len, ops)
+            [o] = self._projs(self.fused_o[i], m.o, o, batch, i, ("o_proj",))
             h, x = _add_rms_norm(h, o, m.post_norm, ops)
             gate, up = self._projs(self.fused_gate_up[i], m.gate_up, x, batch, i, MLP_PROJS)
             act = ops.silu_mul(gate, up) if ops is not None and self.silu else m.act_fn(gate) * up
             [delta] = self._projs(self.fused_down[i], m.down, act, batch, i, ("down_proj",))
         last = (h + delta).index_select(0, batch.logit_rows)
         return self.lm_head(_add_rms_norm(last, None, self.norm, ops)[1]).float()
+
+    def _attention_layer(self, layer: int, q, k, v, cos, signed_sin, batch: StepBatch, kv: PagedKVCache,
+                         decode_masks: dict, single_len: int | None, ops) -> torch.Tensor:
+        """RoPE on ``q`` ``(T, heads·hd)`` and ``k`` ``(T, kv_heads·hd)``, their K/V written to the cache, and the
+        attention output ``(T, heads·hd)`` (``decode_masks`` caches the step's masks by window)."""
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k, v = (t.view(-1, self.num_kv_heads, self.head_dim) for t in (k, v))
+        q, k = _apply_rope(q, cos, signed_sin, ops), _apply_rope(k, cos, signed_sin, ops)
+        kv.write(layer, k, v, batch.slot_pages, batch.slot_offsets, ops)
+        window = self.windows[layer]
+        if window not in decode_masks and batch.decode_rows.numel() and single_len is None and ops is None:
+            decode_masks[window] = _decode_mask(batch.decode_lens, batch.decode_tables.shape[1] * kv.block_size, window)
+        o = self._attention(layer, q, k, v, batch, kv, decode_masks.get(window), single_len, ops)
+        return o.reshape(-1, self.num_heads * self.head_dim)
 
     def _proj(self, module: nn.Module, x: torch.Tensor, batch: StepBatch, layer: int, proj: str) -> torch.Tensor:
         return self._add_lora(module(x), module, x, batch, layer, proj)
@@ -332,13 +346,11 @@ class ModelRunner:
         """Attention output ``(T, heads, head_dim)`` for q ``(T, heads, hd)`` and this step's k, v ``(T, kv_heads, hd)``.
 
         Decoding tokens attend to the cache through ``ops.paged_decode_attention`` (the native ops, see
-        ``_native_ops``) when given, reading their block tables in place; else by torch's attention over gathered
-        K/V. There, ``single_len``, the KV length when the step is one decoding sequence alone, has its keys sliced
-        to that length (and to the layer's window) instead of masked: no mask to build, no padded keys.
+        ``_native_ops``) when given, reading their block tables in place (a step of decodes only takes
+        ``ops.decode_attention_step`` instead, in ``forward``); else by torch's attention over gathered K/V. There,
+        ``single_len``, the KV length when the step is one decoding sequence alone, has its keys sliced to that
+        length (and to the layer's window) instead of masked: no mask to build, no padded keys.
         """
-        if ops is not None and len(batch.decode_rows) == len(q):
-            return ops.paged_decode_attention(q, kv.blocks, layer, batch.decode_tables, batch.decode_lens,
-                                              self.windows[layer] or 0)
         if single_len is not None:
             window = self.windows[layer]
             first = 0 if window is None else max(0, single_len - window)
