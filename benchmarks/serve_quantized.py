@@ -224,7 +224,8 @@ def main() -> None:
         f"Load average (1 min) of this shared machine: {load_before} before, {load_average()} after.",
     ]
     append_result("serve_quantized: a 4-bit base served (default model's Q4_1 GGUF) vs llama.cpp and dense fp32",
-                  f"{single}\n\n{profile_table}\n\n{top_table}\n\n{batch_table}", "\n".join(f"- {n}" for n in notes))
+                  "\n\n".join([single, profile_table, top_table] + ([batch_table] if batch else [])),
+                  "\n".join(f"- {n}" for n in notes))
 
 
 if __name__ == "__main__":
