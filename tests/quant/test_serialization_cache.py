@@ -178,6 +178,29 @@ def test_a_failed_write_warns_and_leaves_no_entry(cache, folder, monkeypatch):
     assert not entry.exists() and not [p for p in entry.parent.iterdir()]
 
 
+def test_a_hit_hashes_the_weights_once_until_they_are_written_again(cache, folder, monkeypatch):
+    """A hit whose hash check passed records the file's state (size, inode, mtime, ctime); later hits skip the hash
+    while that state holds, and a write changes it, so damage is still caught."""
+    monkeypatch.setattr(quantized_base, "SETTLED_SECONDS", 0.0)  # the file is fresh here; users' files are older
+    hashed = []
+    sha256 = quantized_base._sha256
+    monkeypatch.setattr(quantized_base, "_sha256", lambda path: hashed.append(path) or sha256(path))
+    config = nf4(folder)
+    first, _ = load_base(config, CPU)  # built, hashed for the manifest
+    load_base(config, CPU)  # the first hit hashes and records the check
+    entry = cache_entry(config, CPU)
+    weights = entry / "model.safetensors"
+    assert json.loads((entry / MANIFEST_NAME).read_text())["weights"]["checked"] == quantized_base._file_state(weights)
+    hashed.clear()
+    again, _ = load_base(config, CPU)
+    assert hashed == []
+    assert_same(again, first)
+    damage_flip_a_byte(weights)
+    with pytest.warns(UserWarning, match="sha256 differs from the manifest's"):
+        load_base(config, CPU)
+    assert hashed
+
+
 def test_streaming_is_skipped_on_a_hit(cache, folder, monkeypatch):
     """A hit doesn't even open the source's shards: the fingerprint reads headers and small files only."""
     config = nf4(folder)

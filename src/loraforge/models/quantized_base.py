@@ -8,7 +8,11 @@ nf4, fp4 or int. In order:
    processor), the generation config and ``loraforge-cache.json``, a manifest with the key's inputs and the
    weights file's size and sha256. A hit is rebuilt on the meta device and filled straight from the file:
    seconds, bit-identical to the first load. A manifest that doesn't match the file (truncated, wrong size,
-   hash mismatch) or a file that won't load is reported with a warning, and the entry is rebuilt.
+   hash mismatch) or a file that won't load is reported with a warning, and the entry is rebuilt. The hash is
+   checked on a hit unless the file is unchanged since the last check that passed: same size, inode, mtime
+   and ctime (ctime moves on every write and can't be set back), recorded only once the file had been still
+   for ``SETTLED_SECONDS``, so that a write in the same clock tick can't hide. That spares a 70B NF4 base
+   (~37 GB) ~25 s of hashing per load; a byte changed without a write (failing media) is then not caught.
 2. **Streaming** (``models.streaming_load``) for a Hugging Face safetensors folder, the ``default`` model's
    converted folder included: the dense model never exists.
 3. **The dense path** otherwise, with the reason: a ``.gguf`` source with nf4/fp4/int (transformers' GGUF
@@ -37,6 +41,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -50,7 +55,7 @@ from loraforge.config import ModelConfig
 from loraforge.models.sources import DTYPES, _cached_default_dir, cache_root, default_gguf_path, load_model
 from loraforge.models.streaming_load import StreamingUnsupported, load_processor, model_skeleton, stream_quantized
 from loraforge.quant.quantize_model import COMPUTE_DTYPES, resolve_compute_dtype
-from loraforge.utils.atomic import STAGING_INFIX, atomic_dir
+from loraforge.utils.atomic import STAGING_INFIX, atomic_dir, atomic_file
 
 CACHE_FORMAT = 1
 """Bump when the stored layout or a quantizer's output changes: older entries are then never hit."""
@@ -59,6 +64,9 @@ WEIGHTS_NAME = "model.safetensors"
 SMALL_FILE_BYTES = 16 << 20
 """Files below this size are hashed whole in the source fingerprint."""
 CACHE_SWITCH = "LORAFORGE_QUANTIZED_CACHE"
+SETTLED_SECONDS = 2.0
+"""A weights file's last change (ctime) must be this much older than a passing hash check for that check to be
+trusted on later hits (file timestamps are coarse: a write within the same tick would leave them as they were)."""
 
 
 def load_quantized_base(config: ModelConfig, device: torch.device):
@@ -185,14 +193,16 @@ def load_cached(entry: Path, config: ModelConfig, device: torch.device):
             problem = f"{WEIGHTS_NAME} is missing"
         elif size != expected["size"]:
             problem = f"{WEIGHTS_NAME} is {size} bytes, the manifest says {expected['size']} (truncated?)"
-        elif _sha256(weights) != expected["sha256"]:
-            problem = f"{WEIGHTS_NAME}'s sha256 differs from the manifest's (corrupted)"
-        else:
+        elif (unchanged := expected.get("checked") == _file_state(weights)) or _sha256(weights) == expected["sha256"]:
             model = load_quantized(entry, model_skeleton(entry, DTYPES[config.dtype]), device)
             model.config._name_or_path = manifest["name_or_path"]  # as the first load had it, not the cache's path
             tokenizer = load_processor(entry)
+            if not unchanged:  # hashed now: later hits can skip it while the file stays as it is
+                _record_check(manifest_path, manifest, weights)
             _mark_used(manifest_path)
             return model.to(device), tokenizer
+        else:
+            problem = f"{WEIGHTS_NAME}'s sha256 differs from the manifest's (corrupted)"
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # json, file, load_quantized's checks
         problem = " ".join(str(err).split())
     warnings.warn(f"the cached quantized base {entry} is damaged ({problem}); rebuilding it", stacklevel=3)
@@ -202,6 +212,25 @@ def load_cached(entry: Path, config: ModelConfig, device: torch.device):
 def _sha256(path: Path) -> str:
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _file_state(path: Path) -> list[int]:
+    """What any write or replacement of ``path`` changes: size, inode, mtime and ctime (ns)."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def _record_check(manifest_path: Path, manifest: dict, weights: Path) -> None:
+    """Note in the manifest that ``weights`` passed its hash check as it is now, if it had settled (see
+    ``SETTLED_SECONDS``); a read-only cache just checks again next time."""
+    state = _file_state(weights)
+    if time.time_ns() - state[3] < SETTLED_SECONDS * 1e9:
+        return
+    manifest["weights"]["checked"] = state
+    try:
+        atomic_file(manifest_path, lambda path: Path(path).write_text(json.dumps(manifest, indent=2)))
+    except OSError:
+        pass
 
 
 def _mark_used(manifest_path: Path) -> None:

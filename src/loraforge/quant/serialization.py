@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 
 from loraforge.quant.base import QuantLinear
 from loraforge.quant.quantize_model import COMPUTE_DTYPES, WEIGHT_CLASSES, resolve_compute_dtype
+from loraforge.utils.atomic import atomic_file
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -75,9 +75,9 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors, metadata = quantized_state(model)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
-        _write_atomically(directory / CONFIG_NAME, lambda path: Path(path).write_text(config.to_json_string()))
+        atomic_file(directory / CONFIG_NAME, lambda path: Path(path).write_text(config.to_json_string()))
     target = directory / WEIGHTS_NAME
-    _write_atomically(target, lambda path: save_file(tensors, path, metadata=metadata))
+    atomic_file(target, lambda path: save_file(tensors, path, metadata=metadata))
     return target
 
 
@@ -188,17 +188,3 @@ def _assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], tied: di
     for alias, source in tied.items():
         module, key = slots[alias]
         (module._parameters if key in module._parameters else module._buffers)[key] = placed[source]
-
-
-def _write_atomically(target: Path, write) -> None:
-    """Call ``write(temp_path)``, fsync the file, then move it onto ``target``."""
-    handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    try:
-        write(temp)
-        with open(temp, "rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        os.unlink(temp)
-        raise

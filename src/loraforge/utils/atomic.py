@@ -1,4 +1,4 @@
-"""Crash-safe folder writes: a folder appears under its final name complete, or not at all.
+"""Crash-safe writes: a folder (or a file) appears under its final name complete, or not at all.
 
 ``atomic_dir(target)`` yields an empty staging folder ``.<name>.tmp-*`` next to ``target``. When the
 block ends, every file and folder in it is fsynced, it is renamed onto ``target`` and the parent
@@ -9,6 +9,9 @@ aside first; a crash between the two renames leaves it at ``.<name>.tmp-*.old``.
 
 An error in the block or while finishing removes the staging folder and leaves ``target`` as it
 was; a process killed mid-write leaves at most a hidden ``.<name>.tmp-*`` folder behind.
+
+``atomic_file(target, write)`` does the same for one file: ``write`` fills a temporary file beside it, which is
+fsynced and renamed onto ``target``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import errno
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +49,21 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         _fsync(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # after an exchange it holds the old folder
+
+
+def atomic_file(target: str | os.PathLike, write) -> None:
+    """Call ``write(temp_path)`` on a temporary file beside ``target``, fsync it, then move it onto ``target``."""
+    target = Path(target)
+    handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
+        write(temp)
+        with open(temp, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        os.unlink(temp)
+        raise
 
 
 def _move_into_place(staging: Path, target: Path) -> None:
