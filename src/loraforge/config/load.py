@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from loraforge.utils.atomic import atomic_file
 
 from .schema import Config
 from .validate import ConfigError, KeyPath, Problem, dotted
@@ -46,20 +47,11 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *, check
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
-    """Write ``config`` as YAML, atomically: a temp file in the same folder, then ``os.replace``."""
+    """Write ``config`` as YAML, atomically (``utils.atomic.atomic_file``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def parse_yaml(text: str, source: str) -> tuple[Any, dict[KeyPath, str], list[Problem]]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from loraforge.models.gguf_native import (
 from loraforge.quant.base import QuantizedWeight
 from loraforge.quant.gguf_blocks import BLOCK_SIZE, QUANTIZERS, GGUFBlockWeight, Q4_0Weight, Q4_1Weight, Q8_0Weight
 from loraforge.quant.intk import IntKWeight
+from loraforge.utils.atomic import atomic_file
 
 GGUF_TYPES = ("auto", "f16", "q8_0", "q4_1")
 _COPIED_PREFIXES = ("general.", "tokenizer.")
@@ -145,9 +145,8 @@ def write_gguf_file(out_path: Path, arch: str, metadata: list[tuple], tensors: l
     GGMLQuantizationType or None)``.
     """
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         writer = open_writer(tmp, arch)
         for key, value, vtype, sub_type in metadata:
             writer.add_key_value(key, value, vtype, sub_type)
@@ -157,12 +156,8 @@ def write_gguf_file(out_path: Path, arch: str, metadata: list[tuple], tensors: l
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_file(out_path, write)
 
 
 def open_writer(path: str | os.PathLike, arch: str):

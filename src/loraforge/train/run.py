@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -65,6 +64,7 @@ from loraforge.train.evaluate import eval_loss
 from loraforge.train.optim import build_optimizer, parameter_groups
 from loraforge.train.runlog import RunLog, peak_memory_bytes, plot_loss_curve
 from loraforge.train.schedule import lr_multiplier, warmup_steps
+from loraforge.utils.atomic import atomic_file
 from loraforge.utils.memory import release_free_memory, return_large_blocks_on_free
 
 CONFIG_FILE = "config.yaml"
@@ -554,9 +554,7 @@ def _sigint_as_flag():
 def _finish(run_dir: Path, config: Config, summary: dict, echo) -> None:
     if config.output.plot:
         plot_loss_curve(run_dir)
-    tmp = run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, run_dir / "summary.json")
+    atomic_file(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     lines = [f"steps {summary['steps']}", f"train loss {summary['train_loss']:.4f}",
              f"{summary['tokens_per_s']:.1f} tokens/s", f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB"]
     if "eval_loss" in summary:

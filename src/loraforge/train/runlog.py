@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from loraforge.utils.atomic import atomic_file
 
 METRICS = "metrics.jsonl"
 
@@ -38,9 +39,7 @@ class RunLog:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_file(self.path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -94,10 +93,8 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     target = run_dir / "loss_curve.png"
-    tmp = run_dir / ".loss_curve.tmp.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    atomic_file(target, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     plt.close(fig)
-    os.replace(tmp, target)
     return target
 
 

@@ -31,6 +31,7 @@ import yaml
 from loraforge.config import Config, save_config
 from loraforge.train.checkpoint import latest_checkpoint
 from loraforge.train.runlog import read_metrics
+from loraforge.utils.atomic import atomic_file
 
 LAUNCHES = ".launches"
 LOG_FILE = "train.log"
@@ -221,9 +222,7 @@ def _spawn(run_dir: Path, args: list[str]) -> RunInfo:
                                    start_new_session=True, env=env)
     _REAPED[process.pid] = process
     record = {"pid": process.pid, "proc_start": _proc_start(process.pid), "started": time.time(), "command": command}
-    tmp = launch / f".{PROCESS_FILE}.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, launch / PROCESS_FILE)
+    atomic_file(launch / PROCESS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record)))
     return run_info(run_dir)
 
 
