@@ -30,9 +30,11 @@ FORMATS = {
     "int8-g32": lambda w: quantize_intk(w, 8, 32),
     "int8-g128": lambda w: quantize_intk(w, 8, 128),
 }
-SHAPES = [(37, 128), (5, 256), (130, 384)]
+SHAPES = [(37, 128), (5, 256), (130, 384), (21, 1664)]
 """out_features not a multiple of anything; in_features multiples of 32 (and of 128 for INTk g128), with and without
-a partial last chunk of 4 blocks."""
+a partial last chunk of 4 blocks, and over several stretches of 16 blocks (the VNNI kernel's unit) with a partial
+last one (1664 = 3·16·32 + 4·32). Rows of codes over 512 bytes (K = 1664) take the kernel's one-row tiles, the
+shorter ones its 4-row (M = 1) and 2-row tiles, with one-row tiles for the remainder."""
 
 
 @pytest.fixture(scope="module")
@@ -229,15 +231,29 @@ def test_nibbles_are_read_in_gguf_and_intk_order(lib):
 
 @pytest.mark.parametrize("names", [("q4_1", "q4_1", "q4_1"), ("int4-g64", "int4-g64"), ("q8_0", "q8_0")])
 def test_stacked_weights_give_each_ones_product_side_by_side(lib, names):
-    """q/k/v-like weights of one input in one call: exactly the results of one call per weight."""
-    weights = [_weight(name, out, 128, seed) for seed, (name, out) in enumerate(zip(names, (48, 16, 40)))]
-    x = torch.randn(3, 128)
-    fused = _call(lib, weights, x)
-    alone = torch.cat([_call(lib, [w], x) for w in weights], dim=1)
-    assert torch.equal(fused, alone)
+    """q/k/v-like weights of one input in one call: exactly the results of one call per weight (sizes that leave
+    partial row tiles, one and three input rows)."""
+    weights = [_weight(name, out, 128, seed) for seed, (name, out) in enumerate(zip(names, (46, 17, 40)))]
+    for rows in (1, 3):
+        x = torch.randn(rows, 128)
+        fused = _call(lib, weights, x)
+        alone = torch.cat([_call(lib, [w], x) for w in weights], dim=1)
+        assert torch.equal(fused, alone)
     fused_kernel = kernels.fused_kernel(weights, torch.bfloat16)
     x16 = x.bfloat16()
     assert torch.equal(fused_kernel.mm(x16), _call(lib, weights, x16)) and fused_kernel.packed is None  # no copy made
+
+
+def test_a_prepared_group_checks_its_weights_once_and_its_input_on_each_call(lib):
+    weight = _weight("q4_1", 24, 256)
+    group = lib.Group(*_tensors(weight), *kernels._native_layout(weight))
+    x = torch.randn(2, 256)
+    assert torch.equal(group.mm(x, ""), lib.mm(x, *_tensors(weight), *kernels._native_layout(weight), ""))
+    with pytest.raises(RuntimeError, match=r"x must be \(M, 256\)"):
+        group.mm(torch.randn(2, 128), "")
+    codes, scales, mins = _tensors(weight)
+    with pytest.raises(RuntimeError, match="scales must be contiguous fp16"):
+        lib.Group(codes, [scales[0].float()], mins, *kernels._native_layout(weight))
 
 
 @pytest.mark.usefixtures("native_kernel")

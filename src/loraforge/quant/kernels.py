@@ -196,7 +196,8 @@ def _native_group(weight) -> NativeGroup | None:
 
 class NativeGroup:
     """Weights of one input and one native layout (q/k/v, gate/up) multiplied by one native-kernel call, their
-    products side by side. It holds references to the weights' own buffers, no copy."""
+    products side by side. It holds references to the weights' own buffers, no copy, and the kernel's ``Group``
+    of them (checked once, on first use), so that a decode step's call passes only its input."""
 
     def __init__(self, weights: tuple, layout: tuple):
         self.weights = weights
@@ -204,10 +205,13 @@ class NativeGroup:
         self.tensors = tuple(list(t) for t in zip(*(_native_tensors(w) for w in weights)))
         self.codes_name = "qs" if weights[0].format in _NATIVE_LAYOUTS else "codes"
         self.bits = layout[0]
+        self._group = None
 
     def mm(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows (M, in) @ W.T`` -> ``(M, out_features)`` in ``rows.dtype``."""
-        return LOWBIT.library().mm(rows, *self.tensors, *self.layout, "")
+        if self._group is None:
+            self._group = LOWBIT.library().Group(*self.tensors, *self.layout)
+        return self._group.mm(rows, "")
 
 
 class FusedKernel:
