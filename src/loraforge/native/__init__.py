@@ -1,5 +1,6 @@
-"""Our C++ CPU code, compiled on first use: the low-bit matmul (``lowbit.cpp``, used by ``quant.kernels``) and the
-serving engine's fused decode ops (``decode_ops.cpp``, used by ``serve.runner``).
+"""Our C++ CPU code, compiled on first use: the low-bit matmul (``lowbit.cpp``, used by ``quant.kernels``), the
+fused dequantizer (``dequant.cpp``, used by the weight formats through ``quant.native_dequant``) and the serving
+engine's fused decode ops (``decode_ops.cpp``, used by ``serve.runner``).
 
 Each source is compiled with ``torch.utils.cpp_extension`` (the system C++ compiler and ninja) into
 ``$LORAFORGE_CACHE/kernels/<stem>_<hash>/``, the hash covering the source, the flags, the torch version and the
@@ -86,7 +87,14 @@ LOWBIT = NativeLibrary("lowbit.cpp", "loraforge_lowbit", ("-O3",), "the native l
 
 DECODE_OPS = NativeLibrary("decode_ops.cpp", "loraforge_decode_ops", ("-O3", "-fopenmp-simd"),
                            "the native decode ops", "The serving engine runs torch's ops instead (slower decode)")
-"""``rms_norm``, ``silu_mul``, ``rope_``, ``kv_write``, ``paged_decode_attention``: a decode step's small ops."""
+"""``rms_norm``, ``silu_mul``, ``rope_``, ``kv_write``, ``paged_decode_attention``, ``decode_attention_step``: a decode
+step's small ops."""
+
+DEQUANT = NativeLibrary("dequant.cpp", "loraforge_dequant", ("-O3", "-ffp-contract=off"),
+                        "the native dequantizer", "Quantized layers are decoded with torch's ops instead (slower)")
+"""``decode``, ``double_dequantize``, ``available_isas``: a quantized weight's tile decoded in one pass
+(``quant.native_dequant``), bit-identical to the torch decode; ``-ffp-contract=off`` keeps products and sums rounded
+apart, as torch rounds them."""
 
 
 def build_extension(source: Path, stem: str, cflags: list[str], what: str):

@@ -30,6 +30,7 @@ from functools import cache
 import torch
 from torch import nn
 
+from loraforge.quant import native_dequant
 from loraforge.quant.base import quantized_matmul
 from loraforge.quant.double_quant import (
     NESTED_BLOCK_SIZE,
@@ -265,6 +266,9 @@ class Blockwise4bitWeight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense ``(out_features, in_features)`` weight in ``dtype``."""
+        tile = self.tile_dequantizer()
+        if tile is not None and native_dequant.runs(self.packed, dtype):
+            return tile(slice(0, self._shape[0]), slice(0, self._shape[1]), dtype)
         return dequantize_4bit(self.packed, self.block_absmax(), self._shape, self.block_size, self.format, dtype)
 
     @property
@@ -274,18 +278,21 @@ class Blockwise4bitWeight(nn.Module):
     def tile_dequantizer(self):
         """``(rows, cols, dtype) -> dense tile`` for ``kernels``, with the absmax decoded once for all tiles;
         ``cols`` aligned to ``block_size``. None when blocks cross rows (``block_size`` doesn't divide
-        ``in_features``)."""
+        ``in_features``). On CPU the native decode (``native_dequant``) writes the tile in one pass."""
         out, in_features = self._shape
         if in_features % self.block_size:
             return None
         packed = self.packed.view(out, in_features // 2)
         absmax = self.block_absmax().view(out, in_features // self.block_size)
         bs = self.block_size
+        table = _codebook(self.format)[0]
 
         def tile(rows: slice, cols: slice, dtype: torch.dtype) -> torch.Tensor:
             codes = packed[rows, cols.start // 2 : cols.stop // 2]
             scales = absmax[rows, cols.start // bs : cols.stop // bs]
             shape = (codes.shape[0], cols.stop - cols.start)
+            if native_dequant.runs(codes, dtype):
+                return native_dequant.decode(codes, scales, "high_first", bs, dtype, shape[1], table=table)
             return dequantize_4bit(codes, scales, shape, bs, self.format, dtype)
 
         return tile

@@ -20,6 +20,8 @@ from functools import cache
 
 import torch
 
+from loraforge.native import DEQUANT
+
 NESTED_BLOCK_SIZE = 256
 """Values per block of the nested 8-bit quantization (fixed, as in bitsandbytes)."""
 
@@ -110,5 +112,8 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def double_dequantize(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``double_quantize``: the ``(n,)`` fp32 absmax, rounded through 8 bits."""
+    """Inverse of ``double_quantize``: the ``(n,)`` fp32 absmax, rounded through 8 bits (on CPU in one native pass,
+    ``native.DEQUANT``, with the same roundings)."""
+    if codes.device.type == "cpu" and DEQUANT.library() is not None:
+        return DEQUANT.library().double_dequantize(codes, nested_absmax, offset, dynamic_map())
     return dequantize_blockwise_8bit(codes, nested_absmax).add_(offset)

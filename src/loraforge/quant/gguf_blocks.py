@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from loraforge.quant import native_dequant
 from loraforge.quant.base import quantized_matmul
 
 BLOCK_SIZE = 32
@@ -42,6 +43,8 @@ class GGUFBlockWeight(nn.Module):
     format: ClassVar[str]
     type_size: ClassVar[int]
     fields: ClassVar[tuple[tuple[str, torch.dtype, int], ...]]
+    native_layout: ClassVar[tuple[str, int]]
+    """``(native_dequant.LAYOUTS entry, code offset)`` of the native decode; a field ``m`` is added as the min."""
     group_size = BLOCK_SIZE
 
     def __init__(self, **tensors: torch.Tensor):
@@ -77,12 +80,18 @@ class GGUFBlockWeight(nn.Module):
     tile_columns = BLOCK_SIZE
 
     def tile_dequantizer(self):
-        """``(rows, cols, dtype) -> dense tile`` for ``kernels``; ``cols`` aligned to the block size."""
+        """``(rows, cols, dtype) -> dense tile`` for ``kernels``; ``cols`` aligned to the block size. On CPU the native
+        decode (``native_dequant``) writes the tile in one pass."""
         return self._dequantize_tile
 
     def _dequantize_tile(self, rows: slice, cols: slice, dtype: torch.dtype) -> torch.Tensor:
         blocks = slice(cols.start // BLOCK_SIZE, cols.stop // BLOCK_SIZE)
-        w = self._block_values(**{name: getattr(self, name)[rows, blocks] for name, _, _ in self.fields})
+        fields = {name: getattr(self, name)[rows, blocks] for name, _, _ in self.fields}
+        if native_dequant.runs(fields["qs"], dtype):
+            layout, offset = self.native_layout
+            return native_dequant.decode(fields["qs"], fields["d"], layout, BLOCK_SIZE, dtype, cols.stop - cols.start,
+                                         min=fields.get("m"), offset=offset)
+        w = self._block_values(**fields)
         return w.reshape(w.shape[0], -1).to(dtype)
 
     def _block_values(self, **fields: torch.Tensor) -> torch.Tensor:
@@ -156,6 +165,7 @@ class Q4_0Weight(GGUFBlockWeight):
     format = "q4_0"
     type_size = 18
     fields = (("d", torch.float16, 1), ("qs", torch.uint8, 16))
+    native_layout = ("split16", 8)
     int4_group_size = BLOCK_SIZE
     """Torch's int4 kernel takes these blocks (``kernels``)."""
 
@@ -182,6 +192,7 @@ class Q4_1Weight(GGUFBlockWeight):
     format = "q4_1"
     type_size = 20
     fields = (("d", torch.float16, 1), ("m", torch.float16, 1), ("qs", torch.uint8, 16))
+    native_layout = ("split16", 0)
     int4_group_size = BLOCK_SIZE
     """Torch's int4 kernel takes these blocks (``kernels``)."""
 
@@ -203,6 +214,7 @@ class Q8_0Weight(GGUFBlockWeight):
     format = "q8_0"
     type_size = 34
     fields = (("d", torch.float16, 1), ("qs", torch.int8, 32))
+    native_layout = ("s8", 0)
 
     def codes(self) -> torch.Tensor:
         return self.qs.reshape(self.shape)

@@ -1,0 +1,63 @@
+"""The native fused dequantizer (``native/dequant.cpp``) behind the weight formats' tile decoders on CPU.
+
+Training decodes every quantized layer twice per step (``kernels``: the forward, and the backward's input
+gradient); in torch that is a chain of ~8 ops per tile, here one pass per row, bit-identical to the torch decode
+the formats keep for other devices, fp16 output, and a CPU where the library can't be built (``native.DEQUANT``
+warns once).
+
+The instruction set follows torch's CPU capability (``torch.backends.cpu.get_cpu_capability()``), so that a run
+capped with ``ATEN_CPU_CAPABILITY=avx2`` decodes with AVX2 as well.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+from loraforge.native import DEQUANT
+
+LAYOUTS = ("high_first", "low_first", "split16", "int2", "int3", "u8", "s8")
+"""How a row's codes are packed, in ``dequant.cpp``'s ``Layout`` order: NF4/FP4 nibbles (first element high), INT4
+nibbles (first element low), GGUF Q4_x (byte j: elements j and j+16 of a block), INT2 and INT3 words, INT8
+bytes, Q8_0 signed bytes."""
+
+DTYPES = (torch.float32, torch.bfloat16)
+"""Output dtypes the native decode writes; others take the torch decode."""
+
+_CAPABILITY_ISAS = {"AVX512": "avx512", "AVX2": "avx2"}
+_NO_TENSOR = torch.empty(0)
+_NO_MIN = torch.empty(0, dtype=torch.float16)
+
+
+def runs(codes: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the native decode takes a tile of ``codes`` in ``dtype``: on CPU, fp32 or bf16, library built."""
+    return codes.device.type == "cpu" and dtype in DTYPES and DEQUANT.library() is not None
+
+
+@cache
+def isa() -> str:
+    """The instruction set the decode runs: the fastest the library has at or below torch's CPU capability."""
+    available = DEQUANT.library().available_isas()
+    wanted = _CAPABILITY_ISAS.get(torch.backends.cpu.get_cpu_capability(), "scalar")
+    ranked = ("avx512", "avx2", "scalar")
+    return next(name for name in ranked[ranked.index(wanted):] if name in available)
+
+
+def decode(codes: torch.Tensor, scale: torch.Tensor, layout: str, group: int, dtype: torch.dtype, cols: int, *,
+           min: torch.Tensor | None = None, table: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """A dense ``(rows, cols)`` tile in ``dtype`` (only where :func:`runs`).
+
+    Args:
+        codes: the tile's packed codes, uint8 or int8 ``(rows, cols · bits / 8)`` (GGUF: ``(rows, blocks, 16|32)``),
+            rows dense (a slice of the weight's columns is fine).
+        scale: ``(rows, cols / group)`` fp32 (NF4/FP4 absmax) or fp16 (INTk scale, GGUF d).
+        layout: one of ``LAYOUTS``.
+        group: weights per scale, a multiple of 32.
+        min: fp16 like ``scale``, added after the product (INTk, Q4_1).
+        table: NF4/FP4's 16 fp32 code values: ``w = table[q] · scale``; without it ``w = scale · (q − offset)``.
+    """
+    out = torch.empty(codes.shape[0], cols, dtype=dtype)
+    DEQUANT.library().decode(codes, scale, _NO_MIN if min is None else min, _NO_TENSOR if table is None else table,
+                             LAYOUTS.index(layout), group, offset, out, isa())
+    return out
