@@ -1,12 +1,16 @@
-"""In-process A/B of one training step: LoRA, QLoRA (NF4 + double quant), QA-LoRA INT4 g64 and QA-LoRA Q4_1 on the
-default model, the quantized ones with the native decode (``native/dequant.cpp``) and with the torch decode (the
-library switched off), every case once per rep, the order rotated each rep; min and median over reps, as ratios to
-LoRA. One process and interleaved steps: steadier than ``qlora_vs_lora.py``'s separate processes on a shared machine.
+"""In-process A/B of one training step on the default model: LoRA, QLoRA (NF4 + double quant), QA-LoRA INT4 g64
+and QA-LoRA Q4_1, each with the fused base-and-adapter op (``adapters.low_rank_linear``, what training runs) and
+with the plain sum it replaced (autograd's graph of base matmul plus update), and bitsandbytes + PEFT's QLoRA.
+Every case steps once per rep, the order rotated each rep; min and median over reps, as ratios to LoRA's
+(fused) step. One process and interleaved steps: steadier than ``qlora_vs_lora.py``'s separate processes on a
+shared machine. fp32 compute, LoRA r=16 alpha=32 on every linear, batch 4×256, random token ids.
 
     ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \\
-        python benchmarks/qlora_decode_ab.py --threads 2 --reps 5 [--lock FILE]
+        python benchmarks/qlora_decode_ab.py --threads 2 --reps 5 [--lock FILE] [--random-weights] [--no-bnb]
 
-(helper dequant's diagnostic, kept: BENCHMARKS.md quotes its results; it prints, it doesn't append.)
+``--random-weights``: the default model's shapes with random weights, for a machine without the model package
+(bitsandbytes + PEFT needs the saved weights and is left out). It prints, it doesn't append: BENCHMARKS.md quotes
+its runs by hand with the machine's CPU flags.
 """
 
 from __future__ import annotations
@@ -19,20 +23,32 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from loraforge.adapters import AdapterSpec, add_adapter, mark_only_adapters_trainable
-from loraforge.models import load_model
-from loraforge.native import DEQUANT
-from loraforge.quant import native_dequant
+from loraforge.adapters import AdapterSpec, add_adapter, layer, mark_only_adapters_trainable
 from loraforge.quant.base import QuantLinear
 from loraforge.quant.quantize_model import quantize_model
 from loraforge.train.loss import summed_token_loss
 
 KINDS = ("lora", "qlora", "int4", "q4_1")
+MODES = ("fused", "plain")
+DEFAULT_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=True)
+"""SmolLM2-135M's (the default model's) config, for ``--random-weights``."""
 
 
-def build(kind: str):
+def base_model(random_weights: bool):
     torch.manual_seed(0)
-    model = load_model("default")[0]
+    if random_weights:
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        return AutoModelForCausalLM.from_config(LlamaConfig(**DEFAULT_SHAPES), dtype=torch.float32)
+    from loraforge.models import load_model
+
+    return load_model("default")[0]
+
+
+def build(kind: str, random_weights: bool):
+    model = base_model(random_weights)
     method = "lora"
     if kind == "qlora":
         quantize_model(model, bits=4, type="nf4", double_quant=True, block_size=64, compute_dtype="fp32")
@@ -45,6 +61,29 @@ def build(kind: str):
                     module.qweight = module.qweight.to_q4_1()
     add_adapter(model, AdapterSpec(method=method, r=16, alpha=32))
     mark_only_adapters_trainable(model)
+    return train_ready(model)
+
+
+def build_bnb_peft():
+    """transformers' bitsandbytes NF4 + double quant, fp32 compute, and PEFT's LoRA on every linear."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from loraforge.models.sources import _cached_default_dir
+
+    torch.manual_seed(0)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(_cached_default_dir(), quantization_config=config,
+                                                 dtype=torch.float32, device_map="cpu")
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return train_ready(model)
+
+
+def train_ready(model):
     model.train()
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -64,35 +103,48 @@ def locked(path: str):
         yield
 
 
+@contextmanager
+def plain_sum(on: bool):
+    """Training's layers without the fused op: the base's own forward, then the adapter's update added."""
+    fused = layer.fused_linear
+    if on:
+        layer.fused_linear = lambda adapter, x, base: None
+    try:
+        yield
+    finally:
+        layer.fused_linear = fused
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--lock", help="a file to flock around the build and each rep (a machine shared with other timings)")
+    parser.add_argument("--random-weights", action="store_true", help="the default model's shapes, random weights")
+    parser.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes + PEFT out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    native = dict(DEQUANT._state) if DEQUANT.library() is not None else None
-    if native is None:
-        raise SystemExit("the native dequantizer is not built: nothing to compare")
-    print(f"torch capability {torch.backends.cpu.get_cpu_capability()}, native decode {native_dequant.isa()}")
+    print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads")
+    bnb = not (args.no_bnb or args.random_weights)
     with locked(args.lock) if args.lock else nullcontext():
-        runs = {kind: build(kind) for kind in KINDS}
-        for model, optimizer in runs.values():
-            step(model, optimizer, 0)
-    cases = [(kind, mode) for kind in KINDS for mode in (("native", "torch") if kind != "lora" else ("-",))]
+        runs = {kind: build(kind, args.random_weights) for kind in KINDS}
+        if bnb:
+            runs["bnb-peft"] = build_bnb_peft()
+        for run in runs.values():
+            step(*run, 0)
+    cases = [(kind, mode) for kind in KINDS for mode in MODES] + ([("bnb-peft", "-")] if bnb else [])
     times: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
     for rep in range(args.reps):
         with locked(args.lock) if args.lock else nullcontext():
             for kind, mode in cases[rep % len(cases):] + cases[:rep % len(cases)]:
-                DEQUANT._state = {"library": None, "reason": "A/B"} if mode == "torch" else native
-                start = time.perf_counter()
-                step(*runs[kind], rep + 1)
-                times[kind, mode].append(time.perf_counter() - start)
-            DEQUANT._state = native
+                with plain_sum(mode == "plain"):
+                    start = time.perf_counter()
+                    step(*runs[kind], rep + 1)
+                    times[kind, mode].append(time.perf_counter() - start)
         print(f"rep {rep}: " + ", ".join(f"{k}/{m} {t[-1]:.2f}" for (k, m), t in times.items()), flush=True)
-    lora = times["lora", "-"]
+    lora = times["lora", "fused"]
     for (kind, mode), t in times.items():
-        print(f"{kind:5s} {mode:6s} min {min(t):.3f} s  median {statistics.median(t):.3f} s  "
+        print(f"{kind:8s} {mode:5s} min {min(t):.3f} s  median {statistics.median(t):.3f} s  "
               f"min/LoRA {min(t) / min(lora):.3f}  median/LoRA {statistics.median(t) / statistics.median(lora):.3f}")
 
 

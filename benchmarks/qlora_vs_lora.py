@@ -109,8 +109,8 @@ def use_dequantize_per_call() -> None:
 
     from loraforge.quant import kernels
 
-    kernels.linear = lambda weight, x: F.linear(x, weight.dequantize(x.dtype))
-    kernels.input_grad = lambda weight, grad: grad @ weight.dequantize(grad.dtype)
+    kernels.linear = lambda weight, x, low_rank=None: F.linear(x, kernels._plus(weight.dequantize(x.dtype), low_rank))
+    kernels.input_grad = lambda weight, grad, low_rank=None: grad @ kernels._plus(weight.dequantize(grad.dtype), low_rank)
 
 
 def to_q4_1(model) -> None:

@@ -49,6 +49,14 @@ def add_delta(adapter: Adapter, x: torch.Tensor, base_out: torch.Tensor, base: n
     return fused(x, base_out, base) if fused is not None else base_out + adapter.delta(x, base_out, base)
 
 
+def fused_linear(adapter: Adapter, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+    """``base(x) + adapter.delta(x, ...)`` for 2-D ``x`` by the adapter's own ``fused_linear`` (one autograd op for
+    base and update: ``low_rank_linear``) in training (autograd recording), or None where it has none or declines.
+    Inference keeps the base's own forward (the engine's kernels) and the plain sum."""
+    fused = getattr(adapter, "fused_linear", None) if torch.is_grad_enabled() else None
+    return fused(x, base) if fused is not None else None
+
+
 class AdaptedLinear(nn.Module):
     """A base linear plus named adapters.
 
@@ -78,11 +86,14 @@ class AdaptedLinear(nn.Module):
         if self.row_adapters is not None and not self.disabled:
             return self._mixed_forward(x, self.base_layer(x))
         rows = x.reshape(-1, x.shape[-1])  # (tokens, in): the base output is then a 2-D tensor of its own
-        result = self.base_layer(rows)
-        if not self.disabled:
-            for name in self.active:
-                if name not in self.merged:
-                    result = add_delta(self.adapters[name], rows, result, self.base_layer)
+        pending = [] if self.disabled else [name for name in self.active if name not in self.merged]
+        result = fused_linear(self.adapters[pending[0]], rows, self.base_layer) if pending else None
+        if result is None:
+            result = self.base_layer(rows)
+        else:
+            pending = pending[1:]
+        for name in pending:
+            result = add_delta(self.adapters[name], rows, result, self.base_layer)
         return result.view(*x.shape[:-1], result.shape[-1])
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

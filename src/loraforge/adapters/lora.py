@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from loraforge.adapters.low_rank_linear import low_rank_linear
 from loraforge.adapters.spec import AdapterError
 from loraforge.quant.base import QuantLinear
 
@@ -89,6 +90,13 @@ class LoraAdapter(nn.Module):
         if type(self).delta is not LoraAdapter.delta or base_out.dtype != self.lora_A.dtype:
             return base_out + self.delta(x, base_out, base)
         return base_out.addmm_(self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T, self.lora_B.T, alpha=self.scaling)
+
+    def fused_linear(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """``base(x) + delta(x, ...)`` as one autograd op (``low_rank_linear``, training's path), or None where
+        ``delta`` is overridden (DoRA), dropout is on, or the op declines the base."""
+        if type(self).delta is not LoraAdapter.delta or not isinstance(self.dropout, nn.Identity):
+            return None
+        return low_rank_linear(x, self.lora_A, self.lora_B, self.scaling, base)
 
     def lora_weight(self) -> torch.Tensor:
         """``s · B A``, shape ``(out, in)``."""

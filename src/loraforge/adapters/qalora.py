@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from loraforge.adapters.lora import LoraAdapter
+from loraforge.adapters.low_rank_linear import low_rank_linear
 from loraforge.adapters.spec import AdapterError
 from loraforge.quant.base import QuantizedWeight, QuantLinear
 from loraforge.quant.gguf_blocks import Q4_0Weight, Q4_1Weight
@@ -64,6 +65,19 @@ class QALoraAdapter(nn.Module):
         pooled = self.pool(self.dropout(x).to(self.lora_A.dtype))
         return base_out.addmm_(pooled @ self.lora_A.T, self.lora_B.T, alpha=self.scaling)
 
+    def fused_linear(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """``base(x) + delta(x, ...)`` as one autograd op (``low_rank_linear``, training's path) on
+        :meth:`input_projection`, or None where dropout is on or the op declines the base."""
+        if not isinstance(self.dropout, nn.Identity):
+            return None
+        return low_rank_linear(x, self.input_projection(), self.lora_B, self.scaling, base)
+
+    def input_projection(self) -> torch.Tensor:
+        """A with the pooling folded in, ``(r, in)``: pooling is linear, ``pool(x) = x Pᵀ`` with P ``(n, in)``
+        holding ``n/G`` on each group, so ``pool(x) Aᵀ = x (A P)ᵀ``, A P being each group's column of A repeated,
+        times n/G. Differentiable: A's gradient is the group sums of this one's."""
+        return self.lora_A.repeat_interleave(self.group_size, dim=1) * (self.n_groups / self.group_size)
+
     def group_delta(self) -> torch.Tensor:
         """``Δ`` ``(out, n_groups)``: what each group's weights move by, ``s·(B A)·n/G``."""
         return (self.lora_B @ self.lora_A) * (self.scaling * self.n_groups / self.group_size)
@@ -72,10 +86,8 @@ class QALoraAdapter(nn.Module):
         return self.group_delta().repeat_interleave(self.group_size, dim=1)
 
     def low_rank(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """The exact plain pair for serving: pooling is linear, ``pool(x) = x Pᵀ`` with P ``(n, in)`` holding
-        ``n/G`` on each group, so A' = A P ``(r, in)`` (each group's column repeated, times n/G)."""
-        a = self.lora_A.detach().repeat_interleave(self.group_size, dim=1) * (self.n_groups / self.group_size)
-        return a, self.lora_B.detach(), self.scaling
+        """The exact plain pair for serving: ``(input_projection, B, s)``."""
+        return self.input_projection().detach(), self.lora_B.detach(), self.scaling
 
     def merge(self, base: nn.Module) -> None:
         """Fold into the base's per-group min terms; the base stays quantized (a Q4_0 base becomes Q4_1)."""

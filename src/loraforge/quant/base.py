@@ -45,11 +45,7 @@ class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
         ctx.weight = weight
-        y = kernels.linear(weight, x)
-        # An output that is a view can't be written in place (autograd forbids it for a custom Function's views),
-        # and an adapter adds its update into this one (adapters.layer.add_delta); ``linear`` reshapes its result,
-        # which makes a view even when the shape doesn't change: return the tensor itself then.
-        return y._base if y._is_view() and y._base.shape == y.shape else y
+        return kernels.linear(weight, x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:

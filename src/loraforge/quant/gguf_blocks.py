@@ -80,17 +80,18 @@ class GGUFBlockWeight(nn.Module):
     tile_columns = BLOCK_SIZE
 
     def tile_dequantizer(self):
-        """``(rows, cols, dtype) -> dense tile`` for ``kernels``; ``cols`` aligned to the block size. On CPU the native
+        """``(rows, cols, dtype[, out]) -> dense tile`` for ``kernels``; ``cols`` aligned to the block size. On CPU the native
         decode (``native_dequant``) writes the tile in one pass."""
         return self._dequantize_tile
 
-    def _dequantize_tile(self, rows: slice, cols: slice, dtype: torch.dtype) -> torch.Tensor:
+    def _dequantize_tile(self, rows: slice, cols: slice, dtype: torch.dtype, out: torch.Tensor | None = None
+                         ) -> torch.Tensor:
         blocks = slice(cols.start // BLOCK_SIZE, cols.stop // BLOCK_SIZE)
         fields = {name: getattr(self, name)[rows, blocks] for name, _, _ in self.fields}
         if native_dequant.runs(fields["qs"], dtype):
             layout, offset = self.native_layout
             return native_dequant.decode(fields["qs"], fields["d"], layout, BLOCK_SIZE, dtype, cols.stop - cols.start,
-                                         min=fields.get("m"), offset=offset)
+                                         min=fields.get("m"), offset=offset, out=out)
         w = self._block_values(**fields)
         return w.reshape(w.shape[0], -1).to(dtype)
 

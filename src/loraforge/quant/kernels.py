@@ -26,12 +26,16 @@ Three CPU paths, chosen per call by the number of input rows (tokens) ``M``:
   ``fused_int4pack`` packs several weights of one input (q/k/v, gate/up) as one, for one call per part.
 - **tiled dequantize-and-matmul** (every other case, and formats the kernel can't take: NF4/FP4, whose
   16 levels are not evenly spaced). The weight is dequantized ``TILE_ELEMENTS`` at
-  a time, each tile multiplied while it is still in cache and then dropped: the dense layer never exists
-  whole, nothing outlives the call, and no large buffer is allocated (a fresh multi-MB buffer per layer
-  costs page faults on every call and leaves pages that glibc keeps).
+  a time, each tile multiplied while it is still in cache: the dense layer never exists whole (unless it fits
+  one tile), and nothing but the one reused tile buffer outlives the call.
 
 The backward needs only the input's gradient ``grad_y @ W`` (the base weight is frozen); it dequantizes
 in column tiles the same way. Other devices (CUDA) dequantize the layer whole and call ``F.linear``.
+
+The tiles are decoded into one buffer per thread and dtype (:func:`workspace`), reused by every call: a fresh
+multi-MB tensor per call would be page-faulted in (and zeroed by the kernel) each time. Training with a LoRA on
+the base (``adapters.low_rank_linear``) may pass ``low_rank = (b, a, s)``: each tile then becomes ``W + s·b a``
+before its product, so one GEMM gives the base and the adapter's output (or input gradient) together.
 
 Thresholds (``NATIVE_MAX_ROWS``, ``INT4PACK_MAX_ROWS``) come from ``benchmarks/quant_kernels.py`` (BENCHMARKS.md, "Low-bit
 matmul kernels"): in bf16 the native kernel wins up to a few rows and torch's int4 kernel up to a few dozen; in
@@ -40,8 +44,9 @@ exact dtype; see ``NATIVE_MAX_ROWS``).
 
 A weight format takes part by providing:
 
-- ``tile_dequantizer()``: a function ``(rows: slice, cols: slice, dtype) -> (rows, cols)`` dense tile,
-  bit-identical to the same slice of ``dequantize(dtype)``, or None when the layout can't be tiled;
+- ``tile_dequantizer()``: a function ``(rows: slice, cols: slice, dtype, out=None) -> (rows, cols)`` dense tile,
+  bit-identical to the same slice of ``dequantize(dtype)``, written into ``out`` (a contiguous buffer of that
+  shape) where it can, or None when the layout can't be tiled;
   ``tile_columns`` (int): the column alignment tiles need (group or block size);
 - optionally ``int4_group_size`` (the group size, or None where the format's codes don't fit 4 bits) and
   ``int4_affine()``: ``(codes (out, in) uint8 in 0..15, scale (out, groups) fp32, min (out, groups) fp32,
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -101,38 +107,72 @@ torch's kernels only (exact products of the dequantized weight, slower decode)."
 KERNEL: str | None = None
 """The choice in effect, read from ``$LORAFORGE_QUANT_KERNEL`` on first use (tests set it directly)."""
 
+LowRank = tuple[torch.Tensor, torch.Tensor, float]
+"""``(b (out, r), a (r, in), s)``: the update ``s·b a`` that ``linear`` and ``input_grad`` add to the dequantized
+weight before its product."""
+
+_WORKSPACES = threading.local()
+
 _NO_MIN = torch.empty(0, dtype=torch.float16)
 _NATIVE_LAYOUTS = {"q4_0": (4, False, False, 8), "q4_1": (4, False, False, 0), "q8_0": (8, False, True, 0)}
 """GGUF format -> (code bits, INTk nibble order, signed codes, code offset) for ``LOWBIT.library().mm``."""
 
 
-def linear(weight, x: torch.Tensor, int8_activations: bool = False) -> torch.Tensor:
+def linear(weight, x: torch.Tensor, int8_activations: bool = False, low_rank: LowRank | None = None) -> torch.Tensor:
     """``x @ W.T`` for ``x`` ``(..., in_features)`` in ``x.dtype`` -> ``(..., out_features)``; no autograd.
 
     ``int8_activations``: inference may take the native kernel (llama.cpp's numerics) for decode-size inputs;
-    otherwise (training's forward) the products are those of the dequantized weight."""
+    otherwise (training's forward) the products are those of the dequantized weight. ``low_rank``: ``x @ (W + s·b
+    a).T`` instead (the tiled path only)."""
     out_features, in_features = weight.shape
     rows = x.reshape(-1, in_features)
     if x.device.type != "cpu":
-        return F.linear(x, weight.dequantize(x.dtype))
+        return F.linear(x, _plus(weight.dequantize(x.dtype), low_rank))
     m = rows.shape[0]
-    group = _native_group(weight) if int8_activations and _native_on() else None
+    group = _native_group(weight) if int8_activations and low_rank is None and _native_on() else None
     if group is not None and m <= NATIVE_MAX_ROWS.get((group.bits, x.dtype), 0):
         y = group.mm(rows)
     else:
-        packed = _int4pack(weight) if m <= int4pack_max_rows(weight, x.dtype) else None
-        y = packed.mm(rows) if packed is not None else _tiled_forward(weight, rows)
-    return y.reshape(*x.shape[:-1], out_features)
+        fits = low_rank is None and m <= int4pack_max_rows(weight, x.dtype)
+        packed = _int4pack(weight) if fits else None
+        y = packed.mm(rows) if packed is not None else _tiled_forward(weight, rows, low_rank)
+    return _shaped(y, (*x.shape[:-1], out_features))
 
 
-def input_grad(weight, grad_y: torch.Tensor) -> torch.Tensor:
-    """``grad_y @ W`` for ``grad_y`` ``(..., out_features)`` -> ``(..., in_features)``: the backward of
-    :func:`linear` with respect to its input."""
+def input_grad(weight, grad_y: torch.Tensor, low_rank: LowRank | None = None) -> torch.Tensor:
+    """``grad_y @ W`` (``low_rank``: ``grad_y @ (W + s·b a)``) for ``grad_y`` ``(..., out_features)`` ->
+    ``(..., in_features)``: the backward of :func:`linear` with respect to its input."""
     out_features, in_features = weight.shape
     if grad_y.device.type != "cpu":
-        return grad_y @ weight.dequantize(grad_y.dtype)
+        return grad_y @ _plus(weight.dequantize(grad_y.dtype), low_rank)
     rows = grad_y.reshape(-1, out_features)
-    return _tiled_input_grad(weight, rows).reshape(*grad_y.shape[:-1], in_features)
+    return _shaped(_tiled_input_grad(weight, rows, low_rank), (*grad_y.shape[:-1], in_features))
+
+
+def _shaped(y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``y`` itself where it has ``shape`` already (no view: autograd forbids writing in place into a view that a
+    custom Function returns, and adapters add their update into the base output), else reshaped."""
+    return y if y.shape == shape else y.reshape(shape)
+
+
+def workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A ``(rows, cols)`` CPU buffer in ``dtype``, the same memory on every call of this thread (grown when a
+    larger one is asked for): where a tile is decoded and used before the next call. Its size is one tile's,
+    ``TILE_ELEMENTS`` (a row or column wider than that: one row or column), whatever the model's size."""
+    buffers = _WORKSPACES.__dict__.setdefault("buffers", {})
+    flat = buffers.get(dtype)
+    if flat is None or flat.numel() < rows * cols:
+        flat = buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
+    return flat[: rows * cols].view(rows, cols)
+
+
+def _plus(dense: torch.Tensor, low_rank: LowRank | None, rows: slice = slice(None), cols: slice = slice(None)
+          ) -> torch.Tensor:
+    """``dense`` (a tile ``W[rows, cols]`` of its own) plus ``s·b[rows] a[:, cols]``, in place."""
+    if low_rank is not None:
+        b, a, scale = low_rank
+        dense.addmm_(b[rows], a[:, cols], alpha=scale)
+    return dense
 
 
 def kernel_choice() -> str:
@@ -279,38 +319,46 @@ def describe(weight, dtype: torch.dtype) -> str:
     return path
 
 
-def _tiled_forward(weight, x: torch.Tensor) -> torch.Tensor:
+def _tiled_forward(weight, x: torch.Tensor, low_rank: LowRank | None = None) -> torch.Tensor:
     """``x (M, K) @ W.T`` with ``W`` dequantized in row tiles: ``y.T[r] = W[r] @ x.T``."""
     out_features, in_features = weight.shape
     tile = weight.tile_dequantizer()
     if tile is None:
-        return F.linear(x, weight.dequantize(x.dtype))
+        return F.linear(x, _plus(weight.dequantize(x.dtype), low_rank))
     step = max(1, TILE_ELEMENTS // in_features)
+    everything = slice(0, in_features)
     if step >= out_features:  # one tile: the layer whole, and the very same op as a dense layer
-        return F.linear(x, tile(slice(0, out_features), slice(0, in_features), x.dtype))
+        rows = slice(0, out_features)
+        dense = tile(rows, everything, x.dtype, workspace(out_features, in_features, x.dtype))
+        return F.linear(x, _plus(dense, low_rank))
     y_t = torch.empty(out_features, x.shape[0], dtype=x.dtype, device=x.device)
-    x_t, everything = x.t(), slice(0, in_features)
+    x_t = x.t()
     for start in range(0, out_features, step):
         rows = slice(start, min(start + step, out_features))
-        torch.mm(tile(rows, everything, x.dtype), x_t, out=y_t[rows])
+        dense = tile(rows, everything, x.dtype, workspace(rows.stop - start, in_features, x.dtype))
+        torch.mm(_plus(dense, low_rank, rows=rows), x_t, out=y_t[rows])
     return y_t.t().contiguous()
 
 
-def _tiled_input_grad(weight, grad_y: torch.Tensor) -> torch.Tensor:
+def _tiled_input_grad(weight, grad_y: torch.Tensor, low_rank: LowRank | None = None) -> torch.Tensor:
     """``grad_y (M, N) @ W`` with ``W`` dequantized in column tiles: ``g.T[c] = W[:, c].T @ grad_y.T``."""
     out_features, in_features = weight.shape
     tile = weight.tile_dequantizer()
     if tile is None:
-        return grad_y @ weight.dequantize(grad_y.dtype)
+        return grad_y @ _plus(weight.dequantize(grad_y.dtype), low_rank)
     align = weight.tile_columns
     step = max(align, TILE_ELEMENTS // out_features // align * align)
+    everything = slice(0, out_features)
     if step >= in_features:
-        return grad_y @ tile(slice(0, out_features), slice(0, in_features), grad_y.dtype)
+        cols = slice(0, in_features)
+        dense = tile(everything, cols, grad_y.dtype, workspace(out_features, in_features, grad_y.dtype))
+        return grad_y @ _plus(dense, low_rank)
     g_t = torch.empty(in_features, grad_y.shape[0], dtype=grad_y.dtype, device=grad_y.device)
-    grad_t, everything = grad_y.t(), slice(0, out_features)
+    grad_t = grad_y.t()
     for start in range(0, in_features, step):
         cols = slice(start, min(start + step, in_features))
-        torch.mm(tile(everything, cols, grad_y.dtype).t(), grad_t, out=g_t[cols])
+        dense = tile(everything, cols, grad_y.dtype, workspace(out_features, cols.stop - start, grad_y.dtype))
+        torch.mm(_plus(dense, low_rank, cols=cols).t(), grad_t, out=g_t[cols])
     return g_t.t().contiguous()
 
 

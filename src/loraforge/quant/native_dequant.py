@@ -45,8 +45,9 @@ def isa() -> str:
 
 
 def decode(codes: torch.Tensor, scale: torch.Tensor, layout: str, group: int, dtype: torch.dtype, cols: int, *,
-           min: torch.Tensor | None = None, table: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
-    """A dense ``(rows, cols)`` tile in ``dtype`` (only where :func:`runs`).
+           min: torch.Tensor | None = None, table: torch.Tensor | None = None, offset: int = 0,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """A dense ``(rows, cols)`` tile in ``dtype`` (only where :func:`runs`), written into ``out`` when given.
 
     Args:
         codes: the tile's packed codes, uint8 or int8 ``(rows, cols · bits / 8)`` (GGUF: ``(rows, blocks, 16|32)``),
@@ -56,8 +57,10 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, layout: str, group: int, dt
         group: weights per scale, a multiple of 32.
         min: fp16 like ``scale``, added after the product (INTk, Q4_1).
         table: NF4/FP4's 16 fp32 code values: ``w = table[q] · scale``; without it ``w = scale · (q − offset)``.
+        out: a contiguous ``(rows, cols)`` buffer in ``dtype`` to write (``kernels``' reused workspace).
     """
-    out = torch.empty(codes.shape[0], cols, dtype=dtype)
+    if out is None:
+        out = torch.empty(codes.shape[0], cols, dtype=dtype)
     DEQUANT.library().decode(codes, scale, _NO_MIN if min is None else min, _NO_TENSOR if table is None else table,
                              LAYOUTS.index(layout), group, offset, out, isa())
     return out

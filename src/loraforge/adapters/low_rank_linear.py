@@ -1,0 +1,112 @@
+"""Training's op for a linear base with a low-rank adapter: ``y = base(x) + s·(x aᵀ) bᵀ`` as one autograd node.
+
+LoRA passes ``a = A``; QA-LoRA passes its pooling folded into A (``QALoraAdapter.input_projection``), so the
+same op serves both. Shapes: ``x`` ``(M, in)``, ``a`` ``(r, in)``, ``b`` ``(out, r)`` -> ``(M, out)``.
+
+Autograd's graph of the plain sum runs the base's matmul, ``x aᵀ``, the update's GEMM into the output, and in
+the backward two GEMMs for the input gradient's adapter part plus a pass adding it to the base's part. This op:
+
+- forward: ``xa = x aᵀ`` ``(M, r)``, kept for ``b``'s gradient; then ``x (W + s·b a)ᵀ`` as one GEMM (the fold),
+  or ``x Wᵀ`` with ``s·xa bᵀ`` accumulated into it;
+- backward: ``gb = g b`` ``(M, r)``, ``∇b = s·gᵀ xa``, ``∇a = s·gbᵀ x``, and ``∇x = g (W + s·b a)`` (the fold) or
+  ``g W`` with ``s·gb a`` accumulated into it. Nothing is computed for an input that needs no gradient (the
+  first layer's ``x``).
+
+The fold is for quantized bases: ``kernels`` adds ``s·b a`` to each tile right after decoding it, while it is
+in cache and ours to write, so the update costs an r-deep GEMM over a hot tile and no pass over the ``(M, out)``
+output or ``(M, in)`` gradient. A dense base keeps the separate sum: folding would first copy ``W``. The fold is
+done in fp32 only: in bf16, ``W + s·b a`` rounded to bf16 would drop an update below half of W's ulp, which the
+separate sum keeps. The choice never depends on ``M``, so a run's numbers don't change with how its batch is
+split (data-parallel ranks, a resume on another number of processes). Under autocast the caller takes the plain
+sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraforge.quant import kernels
+from loraforge.quant.base import QuantLinear
+
+
+def low_rank_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, base: nn.Module
+                    ) -> torch.Tensor | None:
+    """``base(x) + scale·(x aᵀ) bᵀ`` for 2-D ``x`` through the fused op, or None where it doesn't apply and the
+    caller sums as usual: autocast on, ``x``, ``a``, ``b`` and the base's compute dtype not all one dtype, a base
+    that is neither an ``nn.Linear`` nor a ``QuantLinear``, or a base with a trainable weight or bias."""
+    if isinstance(base, QuantLinear):
+        dtype = base.compute_dtype
+    elif type(base) is nn.Linear:
+        dtype = base.weight.dtype
+    else:
+        return None
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return None
+    if not x.dtype == a.dtype == b.dtype == dtype:
+        return None
+    if any(p.requires_grad for p in base.parameters()):  # the op forms no weight gradient
+        return None
+    weight = None if isinstance(base, QuantLinear) else base.weight
+    return _LowRankLinear.apply(x, a, b, weight, base, scale)
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """See the module docstring. A dense base's weight is an input, held like the adapter's tensors (the same
+    object in the backward, as for ``F.linear``: FSDP frees and refills its storage in between); a quantized base is
+    read from the layer again in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, weight, base, scale):
+        xa = x @ a.t()
+        low_rank = (b, a, scale)
+        fold = _folds(x.dtype, weight)
+        y = _product(x, weight, base, low_rank if fold else None)
+        if not fold:
+            y.addmm_(xa, b.t(), alpha=scale)
+        ctx.base, ctx.scale = base, scale
+        ctx.parameters = a, b, weight  # parameters (QA-LoRA: a small product of one), held as they are: no hook
+        ctx.save_for_backward(x, xa)  # packs them (offloading, the memory estimate)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, xa = ctx.saved_tensors
+        (a, b, weight), scale = ctx.parameters, ctx.scale
+        grad_x = grad_a = grad_b = None
+        grad_rank = grad @ b
+        if ctx.needs_input_grad[1]:
+            grad_a = (grad_rank.t() @ x).mul_(scale)
+        if ctx.needs_input_grad[2]:
+            grad_b = (grad.t() @ xa).mul_(scale)
+        if ctx.needs_input_grad[0]:
+            fold = _folds(grad.dtype, weight)
+            grad_x = _input_grad(grad, weight, ctx.base, (b, a, scale) if fold else None)
+            if not fold:
+                grad_x.addmm_(grad_rank, a, alpha=scale)
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def _folds(dtype: torch.dtype, weight: torch.Tensor | None) -> bool:
+    """Whether the update is folded into the weight (see the module docstring): a quantized base (``weight``
+    None) in fp32."""
+    return weight is None and dtype == torch.float32
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor | None, base: nn.Module, low_rank: kernels.LowRank | None
+             ) -> torch.Tensor:
+    """``x (W + s·b a)ᵀ + bias`` (``low_rank``, quantized bases) or ``x Wᵀ + bias``: a fresh ``(M, out)`` tensor."""
+    if weight is None:
+        y = kernels.linear(base.qweight, x, low_rank=low_rank)
+        return y if base.bias is None else y.add_(base.bias)
+    return F.linear(x, weight, base.bias)
+
+
+def _input_grad(grad: torch.Tensor, weight: torch.Tensor | None, base: nn.Module,
+                low_rank: kernels.LowRank | None) -> torch.Tensor:
+    """``g (W + s·b a)`` (``low_rank``, quantized bases) or ``g W``: a fresh ``(M, in)`` tensor."""
+    if weight is None:
+        return kernels.input_grad(base.qweight, grad, low_rank=low_rank)
+    return grad @ weight
