@@ -122,6 +122,22 @@ def test_bf16_adds_the_update_apart_from_the_weight(base, method):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize(("base", "method"), BASES_AND_METHODS)
+def test_bf16_autocast_trains_every_base(base, method):
+    """``train.precision: bf16`` (autocast) on a quantized base: the base's Function answers in fp32 while the
+    update's GEMMs run in bf16, so the update is summed out of place. Same as PEFT's sum under autocast, within
+    bf16's rounding (the two sum in different orders)."""
+    layer = adapted_layer(base, method)
+    x = torch.randn(2, 100, 128, generator=torch.Generator().manual_seed(1))
+    grad_out = torch.randn(2, 100, 48, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = grads(layer, layer, x, grad_out)
+        theirs = grads(layer, lambda v: peft_reference(layer, method, v), x, grad_out)
+    for name, a, b in zip(("output", "input grad", "lora_A grad", "lora_B grad"), ours, theirs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2 * float(b.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_dropout_and_autocast_take_the_plain_sum():
     """The fused op has no dropout mask and no autocast casts: those keep autograd's own graph, still equal to
     PEFT's (dropout 0 checks the graph choice alone)."""

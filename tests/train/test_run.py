@@ -215,8 +215,10 @@ def test_bad_data_leaves_no_half_made_run_folder(toy_run, tmp_path):
     assert not Path(config.output.dir).exists()
 
 
-def test_bf16_autocast_with_gradient_checkpointing_and_packing_trains(toy_run):
-    config = load_config(toy_run(train={"precision": "bf16", "gradient_checkpointing": True, "max_steps": 30},
+@pytest.mark.parametrize("quantization", [None, {"type": "nf4"}], ids=["dense", "qlora"])
+def test_bf16_autocast_with_gradient_checkpointing_and_packing_trains(toy_run, quantization):
+    config = load_config(toy_run(model={"quantization": quantization},
+                                 train={"precision": "bf16", "gradient_checkpointing": True, "max_steps": 30},
                                  data={"packing": True}))
     result = run_training(config, echo=quiet)
     losses = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()

@@ -12,6 +12,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from loraforge.adapters.low_rank_linear import autocast_on
+
 BASE = None
 """The routing entry for a batch row that runs on the base model alone."""
 
@@ -43,9 +45,10 @@ def add_delta(adapter: Adapter, x: torch.Tensor, base_out: torch.Tensor, base: n
     An adapter may offer ``add_delta`` with the same arguments to compute this faster; it is used in training
     (autograd recording), where ``base_out`` is the fresh output of a dense or quantized linear's matmul that
     nothing else holds (autograd saves inputs of those, not outputs), so the update may be added in place.
-    Inference keeps the plain sum: it leaves the base's output alone, whatever buffer a kernel returns.
+    Inference keeps the plain sum: it leaves the base's output alone, whatever buffer a kernel returns; so does
+    autocast, whose casts an in-place GEMM would not get (a quantized base's fp32 output, a bf16 update).
     """
-    fused = getattr(adapter, "add_delta", None) if torch.is_grad_enabled() else None
+    fused = getattr(adapter, "add_delta", None) if torch.is_grad_enabled() and not autocast_on(x) else None
     return fused(x, base_out, base) if fused is not None else base_out + adapter.delta(x, base_out, base)
 
 

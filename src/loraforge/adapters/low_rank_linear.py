@@ -42,15 +42,18 @@ def low_rank_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: fl
         dtype = base.weight.dtype
     else:
         return None
-    device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return None
-    if not x.dtype == a.dtype == b.dtype == dtype:
+    if autocast_on(x) or not x.dtype == a.dtype == b.dtype == dtype:
         return None
     if any(p.requires_grad for p in base.parameters()):  # the op forms no weight gradient
         return None
     weight = None if isinstance(base, QuantLinear) else base.weight
     return _LowRankLinear.apply(x, a, b, weight, base, scale)
+
+
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (the meta device has none)."""
+    device = x.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 class _LowRankLinear(torch.autograd.Function):
