@@ -1,7 +1,9 @@
 """Training's op for a linear base with a low-rank adapter: ``y = base(x) + s·(x aᵀ) bᵀ`` as one autograd node.
 
-LoRA passes ``a = A``; QA-LoRA passes its pooling folded into A (``QALoraAdapter.input_projection``), so the
-same op serves both. Shapes: ``x`` ``(M, in)``, ``a`` ``(r, in)``, ``b`` ``(out, r)`` -> ``(M, out)``.
+LoRA passes ``a = A``. QA-LoRA's update is ``s·(pool(x) Aᵀ) bᵀ`` with a linear ``pool`` ``(M, in) -> (M, n)``:
+it passes ``pool`` and ``expand(A) = A P`` ``(r, in)``, the same update as a map of ``x``; the op then runs
+``pool(x) Aᵀ`` (cheaper than ``x (A P)ᵀ``), saves the pooled input for A's gradient, and folds ``expand(A)``.
+Shapes: ``x`` ``(M, in)``, ``a`` ``(r, in)`` (QA-LoRA: ``(r, n)``), ``b`` ``(out, r)`` -> ``(M, out)``.
 
 Autograd's graph of the plain sum runs the base's matmul, ``x aᵀ``, the update's GEMM into the output, and in
 the backward two GEMMs for the input gradient's adapter part plus a pass adding it to the base's part. This op:
@@ -23,6 +25,8 @@ sum.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,11 +35,15 @@ from loraforge.quant import kernels
 from loraforge.quant.base import QuantLinear
 
 
-def low_rank_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, base: nn.Module
-                    ) -> torch.Tensor | None:
-    """``base(x) + scale·(x aᵀ) bᵀ`` for 2-D ``x`` through the fused op, or None where it doesn't apply and the
-    caller sums as usual: autocast on, ``x``, ``a``, ``b`` and the base's compute dtype not all one dtype, a base
-    that is neither an ``nn.Linear`` nor a ``QuantLinear``, or a base with a trainable weight or bias."""
+def low_rank_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, base: nn.Module,
+                    pool: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    expand: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
+    """``base(x) + scale·(pool(x) aᵀ) bᵀ`` for 2-D ``x`` through the fused op, or None where it doesn't apply and
+    the caller sums as usual: autocast on, ``x``, ``a``, ``b`` and the base's compute dtype not all one dtype, a
+    base that is neither an ``nn.Linear`` nor a ``QuantLinear``, or a base with a trainable weight or bias.
+
+    ``pool`` (linear, ``(M, in) -> (M, n)``) and ``expand`` (``a`` ``(r, n)`` -> ``a P`` ``(r, in)``, with
+    ``pool(x) = x Pᵀ``) come together; without them ``pool(x) = x``."""
     if isinstance(base, QuantLinear):
         dtype = base.compute_dtype
     elif type(base) is nn.Linear:
@@ -47,7 +55,7 @@ def low_rank_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: fl
     if any(p.requires_grad for p in base.parameters()):  # the op forms no weight gradient
         return None
     weight = None if isinstance(base, QuantLinear) else base.weight
-    return _LowRankLinear.apply(x, a, b, weight, base, scale)
+    return _LowRankLinear.apply(x, a, b, weight, base, scale, pool, expand)
 
 
 def autocast_on(x: torch.Tensor) -> bool:
@@ -62,34 +70,36 @@ class _LowRankLinear(torch.autograd.Function):
     read from the layer again in the backward."""
 
     @staticmethod
-    def forward(ctx, x, a, b, weight, base, scale):
-        xa = x @ a.t()
-        low_rank = (b, a, scale)
+    def forward(ctx, x, a, b, weight, base, scale, pool, expand):
+        pooled = x if pool is None else pool(x)
+        xa = pooled @ a.t()
+        applied = a if expand is None else expand(a)  # (r, in): the update as a map of x
+        low_rank = (b, applied, scale)
         fold = _folds(x.dtype, weight)
         y = _product(x, weight, base, low_rank if fold else None)
         if not fold:
             y.addmm_(xa, b.t(), alpha=scale)
         ctx.base, ctx.scale = base, scale
-        ctx.parameters = a, b, weight  # parameters (QA-LoRA: a small product of one), held as they are: no hook
-        ctx.save_for_backward(x, xa)  # packs them (offloading, the memory estimate)
+        ctx.parameters = applied, b, weight  # parameters (QA-LoRA: a small product of one), held as they are
+        ctx.save_for_backward(pooled, xa)  # packed by saved-tensor hooks (offloading, the memory estimate)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, xa = ctx.saved_tensors
-        (a, b, weight), scale = ctx.parameters, ctx.scale
+        pooled, xa = ctx.saved_tensors
+        (applied, b, weight), scale = ctx.parameters, ctx.scale
         grad_x = grad_a = grad_b = None
         grad_rank = grad @ b
         if ctx.needs_input_grad[1]:
-            grad_a = (grad_rank.t() @ x).mul_(scale)
+            grad_a = (grad_rank.t() @ pooled).mul_(scale)
         if ctx.needs_input_grad[2]:
             grad_b = (grad.t() @ xa).mul_(scale)
         if ctx.needs_input_grad[0]:
             fold = _folds(grad.dtype, weight)
-            grad_x = _input_grad(grad, weight, ctx.base, (b, a, scale) if fold else None)
+            grad_x = _input_grad(grad, weight, ctx.base, (b, applied, scale) if fold else None)
             if not fold:
-                grad_x.addmm_(grad_rank, a, alpha=scale)
-        return grad_x, grad_a, grad_b, None, None, None
+                grad_x.addmm_(grad_rank, applied, alpha=scale)
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 def _folds(dtype: torch.dtype, weight: torch.Tensor | None) -> bool:

@@ -66,17 +66,17 @@ class QALoraAdapter(nn.Module):
         return base_out.addmm_(pooled @ self.lora_A.T, self.lora_B.T, alpha=self.scaling)
 
     def fused_linear(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
-        """``base(x) + delta(x, ...)`` as one autograd op (``low_rank_linear``, training's path) on
-        :meth:`input_projection`, or None where dropout is on or the op declines the base."""
+        """``base(x) + delta(x, ...)`` as one autograd op (``low_rank_linear``, training's path), or None where
+        dropout is on or the op declines the base."""
         if not isinstance(self.dropout, nn.Identity):
             return None
-        return low_rank_linear(x, self.input_projection(), self.lora_B, self.scaling, base)
+        return low_rank_linear(x, self.lora_A, self.lora_B, self.scaling, base, pool=self.pool, expand=self.expand)
 
-    def input_projection(self) -> torch.Tensor:
-        """A with the pooling folded in, ``(r, in)``: pooling is linear, ``pool(x) = x Pᵀ`` with P ``(n, in)``
-        holding ``n/G`` on each group, so ``pool(x) Aᵀ = x (A P)ᵀ``, A P being each group's column of A repeated,
-        times n/G. Differentiable: A's gradient is the group sums of this one's."""
-        return self.lora_A.repeat_interleave(self.group_size, dim=1) * (self.n_groups / self.group_size)
+    def expand(self, a: torch.Tensor) -> torch.Tensor:
+        """``(r, n) -> (r, in)``: ``a P``, the factor as it applies to the unpooled input. Pooling is linear,
+        ``pool(x) = x Pᵀ`` with P ``(n, in)`` holding ``n/G`` on each group, so ``pool(x) aᵀ = x (a P)ᵀ``: each
+        group's column of ``a`` repeated, times n/G."""
+        return a.repeat_interleave(self.group_size, dim=1) * (self.n_groups / self.group_size)
 
     def group_delta(self) -> torch.Tensor:
         """``Δ`` ``(out, n_groups)``: what each group's weights move by, ``s·(B A)·n/G``."""
@@ -86,8 +86,8 @@ class QALoraAdapter(nn.Module):
         return self.group_delta().repeat_interleave(self.group_size, dim=1)
 
     def low_rank(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """The exact plain pair for serving: ``(input_projection, B, s)``."""
-        return self.input_projection().detach(), self.lora_B.detach(), self.scaling
+        """The exact plain pair for serving: ``(expand(A), B, s)``."""
+        return self.expand(self.lora_A.detach()), self.lora_B.detach(), self.scaling
 
     def merge(self, base: nn.Module) -> None:
         """Fold into the base's per-group min terms; the base stays quantized (a Q4_0 base becomes Q4_1)."""
