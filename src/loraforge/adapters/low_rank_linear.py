@@ -8,11 +8,11 @@ Shapes: ``x`` ``(M, in)``, ``a`` ``(r, in)`` (QA-LoRA: ``(r, n)``), ``b`` ``(out
 Autograd's graph of the plain sum runs the base's matmul, ``x aᵀ``, the update's GEMM into the output, and in
 the backward two GEMMs for the input gradient's adapter part plus a pass adding it to the base's part. This op:
 
-- forward: ``xa = x aᵀ`` ``(M, r)``, kept for ``b``'s gradient; then ``x (W + s·b a)ᵀ`` as one GEMM (the fold),
-  or ``x Wᵀ`` with ``s·xa bᵀ`` accumulated into it;
-- backward: ``gb = g b`` ``(M, r)``, ``∇b = s·gᵀ xa``, ``∇a = s·gbᵀ x``, and ``∇x = g (W + s·b a)`` (the fold) or
-  ``g W`` with ``s·gb a`` accumulated into it. Nothing is computed for an input that needs no gradient (the
-  first layer's ``x``).
+- forward: ``xa = pool(x) aᵀ`` ``(M, r)``, kept for ``b``'s gradient; then ``x (W + s·b a')ᵀ`` as one GEMM (the
+  fold; ``a' = expand(a)``, or ``a``), or ``x Wᵀ`` with ``s·xa bᵀ`` accumulated into it;
+- backward: ``gb = g b`` ``(M, r)``, ``∇b = s·gᵀ xa``, ``∇a = s·gbᵀ pool(x)``, and ``∇x = g (W + s·b a')`` (the
+  fold) or ``g W`` with ``s·gb a'`` accumulated into it. Nothing is computed for an input that needs no gradient
+  (the first layer's ``x``).
 
 The fold is for quantized bases: ``kernels`` adds ``s·b a`` to each tile right after decoding it, while it is
 in cache and ours to write, so the update costs an r-deep GEMM over a hot tile and no pass over the ``(M, out)``
