@@ -107,10 +107,12 @@ def use_dequantize_per_call() -> None:
     """Run quantized layers as before ``quant/kernels.py``: dequantize the whole layer per call."""
     import torch.nn.functional as F
 
-    from loraforge.quant import kernels
+    from loraforge.quant import kernels, native_dequant
 
-    kernels.linear = lambda weight, x, low_rank=None: F.linear(x, kernels._plus(weight.dequantize(x.dtype), low_rank))
-    kernels.input_grad = lambda weight, grad, low_rank=None: grad @ kernels._plus(weight.dequantize(grad.dtype), low_rank)
+    kernels.linear = lambda weight, x, low_rank=None: F.linear(x, native_dequant.plus(weight.dequantize(x.dtype),
+                                                                                      low_rank))
+    kernels.input_grad = lambda weight, grad, low_rank=None: grad @ native_dequant.plus(weight.dequantize(grad.dtype),
+                                                                                       low_rank)
 
 
 def to_q4_1(model) -> None:

@@ -126,9 +126,11 @@ def test_allocator_matches_peft_step_by_step(options, ids, tmp_path):
         for ours_, theirs in ((hook.exp_avg_ipt, allocator.exp_avg_ipt), (hook.exp_avg_unc, allocator.exp_avg_unc)):
             for key, ema in ours_.items():
                 torch.testing.assert_close(ema, theirs[f"{key}.default"], rtol=1e-5, atol=1e-12)
+        # 1e-4: after a dozen Adam steps an fp32 GEMM's last-bit differences (MKL's results depend on buffer
+        # alignment, so on what ran before in the process) reach ~7e-5 of an entry; a wrong update is off by far more
         for path, layer in adapted_layers(model).items():
             torch.testing.assert_close(layer.adapters["default"].lora_E, peft_layer(pm, path).lora_E["default"],
-                                       rtol=1e-5, atol=1e-7)
+                                       rtol=1e-4, atol=1e-7)
     masks = hook.rank_pattern()
     assert sum(map(sum, masks.values())) == hook.target_budget == 2 * len(masks)
     assert any(0 < sum(m) < 6 for m in masks.values())

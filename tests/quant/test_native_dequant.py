@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from native_threads import worker_share
 from references import require, require_built
 
 from loraforge.native import DEQUANT
@@ -117,6 +118,15 @@ def test_double_quantized_absmax_equals_the_torch_decode(lib, monkeypatch):
         assert torch.equal(bits(native), bits(expected)), n
 
 
+def test_rows_are_decoded_by_torchs_threads(lib):
+    """The decode splits a tile's rows over torch's threads (training decodes every layer twice a step), and the
+    double-quantized absmax its values."""
+    weight = weight_under_test("nf4-64-dq", torch.randn(2048, 2048))
+    assert worker_share(lambda: weight.dequantize(torch.float32)) > 0.25
+    codes, nested, offset = double_quantize(torch.rand(1 << 22))
+    assert worker_share(lambda: double_dequantize(codes, nested, offset)) > 0.25
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_native_nf4_equals_bitsandbytes(lib, monkeypatch, quant_type, double_quant):
@@ -182,11 +192,40 @@ def test_instruction_set_follows_torchs_cpu_capability(lib, capability, expected
 def test_bad_tiles_are_refused_with_a_clear_error(lib):
     codes = torch.zeros(4, 16, dtype=torch.uint8)
     scale = torch.ones(4, 1, dtype=torch.float16)
+    no_min, none = torch.empty(0, dtype=torch.float16), torch.empty(0)
     with pytest.raises(RuntimeError, match="codes must be bytes"):
-        lib.decode(codes, scale, torch.empty(0, dtype=torch.float16), torch.empty(0), 5, 32, 0,
-                   torch.empty(4, 32), "")
+        lib.decode(codes, scale, no_min, none, 5, 32, 0, torch.empty(4, 32), "", none, none, 0.0)
     with pytest.raises(RuntimeError, match="out must be a 2-D float32 or bfloat16"):
-        lib.decode(codes, scale, torch.empty(0, dtype=torch.float16), torch.empty(0), 1, 32, 0,
-                   torch.empty(4, 32, dtype=torch.float16), "")
+        lib.decode(codes, scale, no_min, none, 1, 32, 0, torch.empty(4, 32, dtype=torch.float16), "", none, none, 0.0)
     with pytest.raises(RuntimeError, match="not available on this CPU"):
-        lib.decode(codes, scale, torch.empty(0, dtype=torch.float16), torch.empty(0), 1, 32, 0, torch.empty(4, 32), "neon")
+        lib.decode(codes, scale, no_min, none, 1, 32, 0, torch.empty(4, 32), "neon", none, none, 0.0)
+    for out, b, a in [(torch.empty(4, 32, dtype=torch.bfloat16), torch.ones(4, 2), torch.ones(2, 32)),
+                      (torch.empty(4, 32), torch.ones(4, 2), torch.ones(3, 32)),
+                      (torch.empty(4, 32), torch.ones(4, 2), torch.ones(32, 2).t())]:
+        with pytest.raises(RuntimeError, match=r"a fold needs an fp32 out, fp32 b \(4, r\) and a \(r, 32\)"):
+            lib.decode(codes, scale, no_min, none, 1, 32, 0, out, "", b, a, 1.0)
+
+
+@pytest.mark.parametrize("name", ["nf4-64-dq", "int4-32", "q4_1"])
+def test_a_fold_adds_the_low_rank_update_to_each_decoded_row(lib, monkeypatch, name):
+    """``fold=(b, a, s)`` gives the tile plus ``s·b a`` (fp64 reference), the same bits on every instruction set (the
+    r-term sums are fused multiply-adds in k order everywhere), on strided slices of b and a; torch's decode adds
+    the same update."""
+    generator = torch.Generator().manual_seed(7)
+    weight = weight_under_test(name, torch.randn(37, 384, generator=generator) * 0.05)
+    b_full, a_full = torch.randn(40, 16, generator=generator), torch.randn(16, 448, generator=generator)
+    rows, cols = slice(3, 40), slice(64, 448)
+    fold = (b_full[rows], a_full[:, cols], 0.37)  # b's rows and a's columns strided, as kernels slices them
+    plain = weight.tile_dequantizer()(slice(0, 37), slice(0, 384), torch.float32)
+    reference = plain.double() + 0.37 * (fold[0].double() @ fold[1].double())
+    results = {}
+    for isa in lib.available_isas():
+        monkeypatch.setattr(native_dequant, "isa", lambda isa=isa: isa)
+        results[isa] = weight.tile_dequantizer()(slice(0, 37), slice(0, 384), torch.float32, fold=fold)
+        torch.testing.assert_close(results[isa].double(), reference, rtol=1e-6, atol=1e-6)
+    first = results[lib.available_isas()[0]]
+    assert all(torch.equal(first, got) for got in results.values()), list(results)
+    with monkeypatch.context() as off:  # torch's decode adds the same update (by its own GEMM)
+        torch_decode(off)
+        torch.testing.assert_close(weight.tile_dequantizer()(slice(0, 37), slice(0, 384), torch.float32, fold=fold),
+                                   first, rtol=1e-6, atol=1e-6)

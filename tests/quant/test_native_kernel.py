@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from native_threads import worker_share
 from references import require, require_built
 
 from loraforge.native import LOWBIT
@@ -322,10 +323,10 @@ def test_a_missing_compiler_falls_back_with_one_warning_that_says_what_to_instal
 
 
 def test_rows_split_over_threads_give_the_same_numbers(lib):
-    """at::parallel_for splits the output rows over torch's threads; each row's sum is computed alone, so the
-    result doesn't depend on the thread count."""
-    weight = _weight("q4_1", 700, 256)
-    x = torch.randn(3, 256)
+    """at::parallel_for splits the output rows over torch's threads (the other threads do about half the work);
+    each row's sum is computed alone, so the result doesn't depend on the thread count."""
+    weight = _weight("q4_1", 4096, 1024)
+    x = torch.randn(3, 1024)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -335,6 +336,7 @@ def test_rows_split_over_threads_give_the_same_numbers(lib):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+    assert worker_share(lambda: lib.mm(x, *_tensors(weight), *kernels._native_layout(weight), "")) > 0.25
 
 
 @pytest.mark.usefixtures("native_kernel")

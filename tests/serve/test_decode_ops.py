@@ -4,6 +4,7 @@ LlamaRMSNorm, rotate-half RoPE, the paged KV cache's own indexing and torch's SD
 import pytest
 import torch
 import torch.nn.functional as F
+from native_threads import worker_share
 from references import require_built
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -154,3 +155,9 @@ def test_silu_mul_is_the_llama_mlps_activation_of_strided_halves(ops, dtype):
     # float32: exp in another library (1 unit in the last place); bf16: the same within one unit
     rtol = 2e-6 if dtype == torch.float32 else 2.0 ** -8
     torch.testing.assert_close(ops.silu_mul(gate, up), F.silu(gate) * up, atol=1e-30, rtol=rtol)
+
+
+def test_rows_are_split_over_torchs_threads(ops):
+    """The ops' at::parallel_for splits their rows over torch's threads (a batched decode step's tokens)."""
+    gate, up = torch.randn(4096, 1024), torch.randn(4096, 1024)
+    assert worker_share(lambda: ops.silu_mul(gate, up)) > 0.25

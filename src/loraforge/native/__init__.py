@@ -10,6 +10,11 @@ complete (``utils.atomic``), so no half-built library ever sits under the final 
 code picks its instruction set at run time (AVX512-VNNI / AVX512 / AVX2 / portable), so a cached build stays valid
 on any x86-64 machine, and other architectures build the portable code.
 
+Every library is compiled and linked with ``-fopenmp`` (``OPENMP``): ``at::parallel_for`` is inline code that
+splits work over torch's OpenMP threads only where it is compiled with OpenMP, and runs it all on the calling
+thread otherwise. The link names ``libgomp.so.1``, which resolves to the copy torch has already loaded (the same
+soname), so the work runs on torch's one thread pool and follows ``torch.set_num_threads``.
+
 If a build fails (no compiler, no ninja), :meth:`NativeLibrary.library` returns None after ONE warning that names
 what is missing and what runs instead (torch's ops), and :meth:`NativeLibrary.status` says so.
 """
@@ -97,6 +102,10 @@ DEQUANT = NativeLibrary("dequant.cpp", "loraforge_dequant", ("-O3", "-ffp-contra
 apart, as torch rounds them."""
 
 
+OPENMP = "-fopenmp"
+"""Compile and link flag of every library (see the module docstring)."""
+
+
 def build_extension(source: Path, stem: str, cflags: list[str], what: str):
     """``(module, built)``: the pybind11 extension compiled from one C++ ``source`` with ``cflags``, from the cache,
     or built there now (``built`` True) under a file lock, in a staging folder renamed into place when complete.
@@ -119,8 +128,8 @@ def build_extension(source: Path, stem: str, cflags: list[str], what: str):
 
         print(f"loraforge: building {what} into {target} (first use only, ~30 s)", file=sys.stderr, flush=True)
         with atomic_dir(target) as staging:
-            module = cpp_extension.load(name, [str(source)], extra_cflags=cflags, build_directory=str(staging),
-                                        verbose=False)
+            module = cpp_extension.load(name, [str(source)], extra_cflags=[*cflags, OPENMP], extra_ldflags=[OPENMP],
+                                        build_directory=str(staging), verbose=False)
         return module, True
 
 
@@ -132,7 +141,7 @@ def _build_dir(name: str) -> Path:
 
 def _name(source: Path, stem: str, cflags: list[str]) -> str:
     key = hashlib.sha256(source.read_bytes())
-    key.update(f"{cflags}|{torch.__version__}|{sys.implementation.cache_tag}|{sysconfig.get_platform()}".encode())
+    key.update(f"{cflags}|{OPENMP}|{torch.__version__}|{sys.implementation.cache_tag}|{sysconfig.get_platform()}".encode())
     return f"{stem}_{key.hexdigest()[:16]}"
 
 

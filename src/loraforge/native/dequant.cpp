@@ -7,6 +7,9 @@
 // The product and the sum are rounded separately (never a fused multiply-add: built with -ffp-contract=off and
 // written as separate multiply and add instructions), as torch rounds them; a bf16 output is rounded to nearest
 // even from the fp32 value, NaN becoming 0xFFFF, as torch's vectorised ``.to(torch.bfloat16)`` does.
+// Optionally (fp32 tiles, training's fold: ``adapters/low_rank_linear.py``) a low-rank update is added to each row
+// right after it is decoded, while it is in L1: w + s·(b[i] · a), the r-term sum in k order by fused multiply-adds,
+// then scaled and added (rounded apart).
 // Plus the double-quantized absmax of NF4/FP4 (``double_quant.py``): map[code]·nested_absmax[i/256] + offset.
 //
 // Paths: AVX512 (a 16-entry table lookup is one ``vpermps``), AVX2 (two 8-entry lookups and a blend) and portable
@@ -17,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -125,6 +129,25 @@ void row_scalar(const Spec& s, const Row& r) {
   }
 }
 
+// The low-rank update of NR rows: out[j][c] = out[j][c] + s·Σ_k b[j][k]·a[k][c] for c < cols (a multiple of 32).
+struct Fold {
+  const float* b;  // (rows, r), row stride b_stride
+  const float* a;  // (r, cols), row stride a_stride
+  int64_t b_stride, a_stride, r;
+  float scale;
+};
+
+void fold_scalar(const Fold& f, float* out, int64_t out_stride, const float* b, int64_t nrows, int64_t cols) {
+  for (int64_t j = 0; j < nrows; ++j) {
+    for (int64_t c = 0; c < cols; ++c) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < f.r; ++k) acc = std::fma(b[j * f.b_stride + k], f.a[k * f.a_stride + c], acc);
+      float* o = out + j * out_stride + c;
+      *o = *o + f.scale * acc;
+    }
+  }
+}
+
 #ifdef DEQUANT_X86
 // The chunk's 32 codes as two 16-byte vectors (elements 0..15, 16..31), one byte each (Q8_0: the signed byte).
 // SSE2 only, so it inlines into both the AVX2 and the AVX512 row functions.
@@ -213,6 +236,30 @@ AVX2_TARGET void row_avx2(const Spec& s, const Row& r) {
   }
 }
 
+// NR rows at once, so that each a vector loaded serves NR rows.
+template <int NR>
+__attribute__((target("avx2,fma"))) void fold_avx2_rows(const Fold& f, float* out, int64_t out_stride, const float* b,
+                                                       int64_t cols) {
+  const __m256 scale = _mm256_set1_ps(f.scale);
+  for (int64_t c = 0; c < cols; c += 8) {
+    __m256 acc[NR];
+    for (int j = 0; j < NR; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < f.r; ++k) {
+      const __m256 av = _mm256_loadu_ps(f.a + k * f.a_stride + c);
+      for (int j = 0; j < NR; ++j) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(b[j * f.b_stride + k]), av, acc[j]);
+    }
+    for (int j = 0; j < NR; ++j) {
+      float* o = out + j * out_stride + c;
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_mul_ps(scale, acc[j])));
+    }
+  }
+}
+
+void fold_avx2(const Fold& f, float* out, int64_t out_stride, const float* b, int64_t nrows, int64_t cols) {
+  for (; nrows >= 4; nrows -= 4, out += 4 * out_stride, b += 4 * f.b_stride) fold_avx2_rows<4>(f, out, out_stride, b, cols);
+  for (; nrows > 0; --nrows, out += out_stride, b += f.b_stride) fold_avx2_rows<1>(f, out, out_stride, b, cols);
+}
+
 // ---------------------------------------------------------------- AVX512: 16 elements per step
 #define AVX512_TARGET __attribute__((target("avx512f,avx2,f16c")))
 
@@ -254,6 +301,27 @@ AVX512_TARGET void row_avx512(const Spec& s, const Row& r) {
     }
   }
 }
+template <int NR>
+AVX512_TARGET void fold_avx512_rows(const Fold& f, float* out, int64_t out_stride, const float* b, int64_t cols) {
+  const __m512 scale = _mm512_set1_ps(f.scale);
+  for (int64_t c = 0; c < cols; c += 16) {
+    __m512 acc[NR];
+    for (int j = 0; j < NR; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < f.r; ++k) {
+      const __m512 av = _mm512_loadu_ps(f.a + k * f.a_stride + c);
+      for (int j = 0; j < NR; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(b[j * f.b_stride + k]), av, acc[j]);
+    }
+    for (int j = 0; j < NR; ++j) {
+      float* o = out + j * out_stride + c;
+      _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(scale, acc[j])));
+    }
+  }
+}
+
+void fold_avx512(const Fold& f, float* out, int64_t out_stride, const float* b, int64_t nrows, int64_t cols) {
+  for (; nrows >= 4; nrows -= 4, out += 4 * out_stride, b += 4 * f.b_stride) fold_avx512_rows<4>(f, out, out_stride, b, cols);
+  for (; nrows > 0; --nrows, out += out_stride, b += f.b_stride) fold_avx512_rows<1>(f, out, out_stride, b, cols);
+}
 #endif  // DEQUANT_X86
 
 enum Isa { SCALAR, AVX2, AVX512 };
@@ -262,7 +330,7 @@ std::vector<std::string> available_isas() {
   std::vector<std::string> names;
 #ifdef DEQUANT_X86
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
   if (avx2 && __builtin_cpu_supports("avx512f")) names.push_back("avx512");
   if (avx2) names.push_back("avx2");
 #endif
@@ -279,6 +347,15 @@ Isa isa_of(const std::string& name) {
 }
 
 using RowFn = void (*)(const Spec&, const Row&);
+using FoldFn = void (*)(const Fold&, float*, int64_t, const float*, int64_t, int64_t);
+
+FoldFn fold_function([[maybe_unused]] Isa isa) {
+#ifdef DEQUANT_X86
+  if (isa == AVX512) return &fold_avx512;
+  if (isa == AVX2) return &fold_avx2;
+#endif
+  return &fold_scalar;
+}
 
 template <int L, bool LUT, bool MIN, bool BF16>
 RowFn pick_isa([[maybe_unused]] Isa isa) {
@@ -320,9 +397,11 @@ int64_t row_stride(const at::Tensor& t, const char* name) {
 
 // Decode a tile into ``out`` (rows, cols) fp32 or bf16 (any row stride, dense rows): ``codes`` (rows, cols·bits/8)
 // uint8/int8 (or GGUF's (rows, blocks, 16|32)), ``scale`` (rows, cols/group) fp32 or fp16, ``min`` the same in fp16 or
-// empty, ``table`` (16,) fp32 for NF4/FP4 or empty; ``offset`` is subtracted from affine codes (Q4_0: 8).
+// empty, ``table`` (16,) fp32 for NF4/FP4 or empty; ``offset`` is subtracted from affine codes (Q4_0: 8). A non-empty
+// ``fold_b`` (rows, r) with ``fold_a`` (r, cols), fp32 with dense rows, adds ``fold_scale``·fold_b fold_a (fp32 out only).
 void decode(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& min, const at::Tensor& table,
-            int64_t layout, int64_t group, int64_t offset, const at::Tensor& out, const std::string& isa_name) {
+            int64_t layout, int64_t group, int64_t offset, const at::Tensor& out, const std::string& isa_name,
+            const at::Tensor& fold_b, const at::Tensor& fold_a, double fold_scale) {
   TORCH_CHECK(out.dim() == 2 && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
               "dequant: out must be a 2-D float32 or bfloat16 tensor, got ", out.sizes(), " ", out.scalar_type());
   const int64_t rows = out.size(0), cols = out.size(1);
@@ -343,6 +422,12 @@ void decode(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& 
   TORCH_CHECK(lut || layout != HIGH_FIRST, "dequant: NF4/FP4 codes need their table");
   const int64_t code_stride = row_stride(codes, "codes"), scale_stride = row_stride(scale, "scale");
   const int64_t min_stride = has_min ? row_stride(min, "min") : 0, out_stride = row_stride(out, "out");
+  const bool folds = fold_b.numel() != 0;
+  TORCH_CHECK(!folds || (out.scalar_type() == at::kFloat && fold_b.scalar_type() == at::kFloat &&
+              fold_a.scalar_type() == at::kFloat && fold_b.dim() == 2 && fold_a.dim() == 2 && fold_b.size(0) == rows &&
+              fold_a.size(1) == cols && fold_a.size(0) == fold_b.size(1) && fold_b.stride(1) == 1 && fold_a.stride(1) == 1),
+              "dequant: a fold needs an fp32 out, fp32 b (", rows, ", r) and a (r, ", cols, ") with dense rows, got b ",
+              fold_b.sizes(), " ", fold_b.scalar_type(), ", a ", fold_a.sizes(), " ", fold_a.scalar_type());
   if (rows == 0 || cols == 0) return;
 
   Spec s{lut, {}, static_cast<int32_t>(offset), group, scale_fp16, has_min, out.scalar_type() == at::kBFloat16, cols};
@@ -353,9 +438,19 @@ void decode(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& 
   const auto* mn = has_min ? reinterpret_cast<const uint16_t*>(min.data_ptr()) : nullptr;
   auto* o = static_cast<char*>(out.data_ptr());
   const int64_t scale_bytes = scale.element_size() * scale_stride, out_bytes = out.element_size() * out_stride;
+  const Fold f = folds ? Fold{fold_b.data_ptr<float>(), fold_a.data_ptr<float>(), fold_b.stride(0), fold_a.stride(0),
+                               fold_b.size(1), static_cast<float>(fold_scale)}
+                        : Fold{};
+  const FoldFn fold = fold_function(isa_of(isa_name));
+  constexpr int64_t BLOCK = 4;  // rows decoded, then folded while still in L1
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      fn(s, Row{c + i * code_stride, sc + i * scale_bytes, mn ? mn + i * min_stride : nullptr, o + i * out_bytes});
+    for (int64_t first = begin; first < end; first += BLOCK) {
+      const int64_t last = std::min(end, first + BLOCK);
+      for (int64_t i = first; i < last; ++i) {
+        fn(s, Row{c + i * code_stride, sc + i * scale_bytes, mn ? mn + i * min_stride : nullptr, o + i * out_bytes});
+      }
+      if (folds) fold(f, reinterpret_cast<float*>(o + first * out_bytes), out_stride, f.b + first * f.b_stride,
+                      last - first, cols);
     }
   });
 }

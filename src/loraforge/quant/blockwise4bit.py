@@ -276,7 +276,7 @@ class Blockwise4bitWeight(nn.Module):
         return self.block_size
 
     def tile_dequantizer(self):
-        """``(rows, cols, dtype[, out]) -> dense tile`` for ``kernels``, with the absmax decoded once for all tiles;
+        """``(rows, cols, dtype[, out, fold]) -> dense tile`` for ``kernels``, with the absmax decoded once for all tiles;
         ``cols`` aligned to ``block_size``. None when blocks cross rows (``block_size`` doesn't divide
         ``in_features``). On CPU the native decode (``native_dequant``) writes the tile in one pass."""
         out, in_features = self._shape
@@ -287,13 +287,15 @@ class Blockwise4bitWeight(nn.Module):
         bs = self.block_size
         table = _codebook(self.format)[0]
 
-        def tile(rows: slice, cols: slice, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        def tile(rows: slice, cols: slice, dtype: torch.dtype, out: torch.Tensor | None = None,
+                 fold: native_dequant.Fold | None = None) -> torch.Tensor:
             codes = packed[rows, cols.start // 2 : cols.stop // 2]
             scales = absmax[rows, cols.start // bs : cols.stop // bs]
             shape = (codes.shape[0], cols.stop - cols.start)
             if native_dequant.runs(codes, dtype):
-                return native_dequant.decode(codes, scales, "high_first", bs, dtype, shape[1], table=table, out=out)
-            return dequantize_4bit(codes, scales, shape, bs, self.format, dtype)
+                return native_dequant.decode(codes, scales, "high_first", bs, dtype, shape[1], table=table, out=out,
+                                             fold=fold)
+            return native_dequant.plus(dequantize_4bit(codes, scales, shape, bs, self.format, dtype), fold)
 
         return tile
 

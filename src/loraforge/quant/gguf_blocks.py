@@ -80,20 +80,20 @@ class GGUFBlockWeight(nn.Module):
     tile_columns = BLOCK_SIZE
 
     def tile_dequantizer(self):
-        """``(rows, cols, dtype[, out]) -> dense tile`` for ``kernels``; ``cols`` aligned to the block size. On CPU the native
+        """``(rows, cols, dtype[, out, fold]) -> dense tile`` for ``kernels``; ``cols`` aligned to the block size. On CPU the native
         decode (``native_dequant``) writes the tile in one pass."""
         return self._dequantize_tile
 
-    def _dequantize_tile(self, rows: slice, cols: slice, dtype: torch.dtype, out: torch.Tensor | None = None
-                         ) -> torch.Tensor:
+    def _dequantize_tile(self, rows: slice, cols: slice, dtype: torch.dtype, out: torch.Tensor | None = None,
+                         fold: native_dequant.Fold | None = None) -> torch.Tensor:
         blocks = slice(cols.start // BLOCK_SIZE, cols.stop // BLOCK_SIZE)
         fields = {name: getattr(self, name)[rows, blocks] for name, _, _ in self.fields}
         if native_dequant.runs(fields["qs"], dtype):
             layout, offset = self.native_layout
             return native_dequant.decode(fields["qs"], fields["d"], layout, BLOCK_SIZE, dtype, cols.stop - cols.start,
-                                         min=fields.get("m"), offset=offset, out=out)
+                                         min=fields.get("m"), offset=offset, out=out, fold=fold)
         w = self._block_values(**fields)
-        return w.reshape(w.shape[0], -1).to(dtype)
+        return native_dequant.plus(w.reshape(w.shape[0], -1).to(dtype), fold)
 
     def _block_values(self, **fields: torch.Tensor) -> torch.Tensor:
         """fp32 ``(rows, blocks, 32)`` weights from block fields ``(rows, blocks[, count])``, as ggml computes them."""

@@ -71,21 +71,21 @@ class IntKWeight(nn.Module):
         return self.group_size
 
     def tile_dequantizer(self):
-        """``(rows, cols, dtype[, out]) -> dense tile`` for ``kernels``; ``cols`` aligned to ``group_size``. On CPU the native
+        """``(rows, cols, dtype[, out, fold]) -> dense tile`` for ``kernels``; ``cols`` aligned to ``group_size``. On CPU the native
         decode (``native_dequant``) writes the tile in one pass."""
         return self._dequantize_tile
 
-    def _dequantize_tile(self, rows: slice, cols: slice, dtype: torch.dtype, out: torch.Tensor | None = None
-                         ) -> torch.Tensor:
+    def _dequantize_tile(self, rows: slice, cols: slice, dtype: torch.dtype, out: torch.Tensor | None = None,
+                         fold: native_dequant.Fold | None = None) -> torch.Tensor:
         groups = slice(cols.start // self.group_size, cols.stop // self.group_size)
         codes = self.codes[rows, cols.start * self.bits // 8 : cols.stop * self.bits // 8]
         if native_dequant.runs(codes, dtype):
             return native_dequant.decode(codes, self.scale[rows, groups], _NATIVE_LAYOUTS[self.bits], self.group_size,
-                                         dtype, cols.stop - cols.start, min=self.min[rows, groups], out=out)
+                                         dtype, cols.stop - cols.start, min=self.min[rows, groups], out=out, fold=fold)
         q = unpack_codes(codes, self.bits).reshape(codes.shape[0], -1, self.group_size)
         scale, low = self.scale[rows, groups], self.min[rows, groups]
         w = torch.addcmul(low.float()[..., None], scale.float()[..., None], q)  # one pass, one buffer
-        return w.reshape(codes.shape[0], -1).to(dtype)
+        return native_dequant.plus(w.reshape(codes.shape[0], -1).to(dtype), fold)
 
     @property
     def int4_group_size(self) -> int | None:

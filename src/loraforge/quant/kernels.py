@@ -35,7 +35,8 @@ in column tiles the same way. Other devices (CUDA) dequantize the layer whole an
 The tiles are decoded into one buffer per thread and dtype (:func:`workspace`), reused by every call: a fresh
 multi-MB tensor per call would be page-faulted in (and zeroed by the kernel) each time. Training with a LoRA on
 the base (``adapters.low_rank_linear``) may pass ``low_rank = (b, a, s)``: each tile then becomes ``W + s·b a``
-before its product, so one GEMM gives the base and the adapter's output (or input gradient) together.
+before its product (the native decode adds each row's ``s·b[i] a`` as it decodes the row), so one GEMM gives the
+base and the adapter's output (or input gradient) together.
 
 Thresholds (``NATIVE_MAX_ROWS``, ``INT4PACK_MAX_ROWS``) come from ``benchmarks/quant_kernels.py`` (BENCHMARKS.md, "Low-bit
 matmul kernels"): in bf16 the native kernel wins up to a few rows and torch's int4 kernel up to a few dozen; in
@@ -44,9 +45,11 @@ exact dtype; see ``NATIVE_MAX_ROWS``).
 
 A weight format takes part by providing:
 
-- ``tile_dequantizer()``: a function ``(rows: slice, cols: slice, dtype, out=None) -> (rows, cols)`` dense tile,
-  bit-identical to the same slice of ``dequantize(dtype)``, written into ``out`` (a contiguous buffer of that
-  shape) where it can, or None when the layout can't be tiled;
+- ``tile_dequantizer()``: a function ``(rows: slice, cols: slice, dtype, out=None, fold=None) -> (rows, cols)``
+  dense tile, bit-identical to the same slice of ``dequantize(dtype)``, written into ``out`` (a contiguous buffer
+  of that shape) where it can, plus ``fold``'s ``s·b a`` (``native_dequant.Fold``, sliced to the tile: the native
+  decode adds it to each row as it is decoded, ``native_dequant.plus`` otherwise), or None when the layout can't be
+  tiled;
   ``tile_columns`` (int): the column alignment tiles need (group or block size);
 - optionally ``int4_group_size`` (the group size, or None where the format's codes don't fit 4 bits) and
   ``int4_affine()``: ``(codes (out, in) uint8 in 0..15, scale (out, groups) fp32, min (out, groups) fp32,
@@ -63,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from loraforge.native import LOWBIT
+from loraforge.quant import native_dequant
 
 TILE_ELEMENTS = 1 << 20
 """Weights dequantized per tile: 4 MiB in fp32, so that a tile stays in cache (L3) while it is multiplied, and few
@@ -127,7 +131,7 @@ def linear(weight, x: torch.Tensor, int8_activations: bool = False, low_rank: Lo
     out_features, in_features = weight.shape
     rows = x.reshape(-1, in_features)
     if x.device.type != "cpu":
-        return F.linear(x, _plus(weight.dequantize(x.dtype), low_rank))
+        return F.linear(x, native_dequant.plus(weight.dequantize(x.dtype), low_rank))
     m = rows.shape[0]
     group = _native_group(weight) if int8_activations and low_rank is None and _native_on() else None
     if group is not None and m <= NATIVE_MAX_ROWS.get((group.bits, x.dtype), 0):
@@ -144,7 +148,7 @@ def input_grad(weight, grad_y: torch.Tensor, low_rank: LowRank | None = None) ->
     ``(..., in_features)``: the backward of :func:`linear` with respect to its input."""
     out_features, in_features = weight.shape
     if grad_y.device.type != "cpu":
-        return grad_y @ _plus(weight.dequantize(grad_y.dtype), low_rank)
+        return grad_y @ native_dequant.plus(weight.dequantize(grad_y.dtype), low_rank)
     rows = grad_y.reshape(-1, out_features)
     return _shaped(_tiled_input_grad(weight, rows, low_rank), (*grad_y.shape[:-1], in_features))
 
@@ -166,13 +170,13 @@ def workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     return flat[: rows * cols].view(rows, cols)
 
 
-def _plus(dense: torch.Tensor, low_rank: LowRank | None, rows: slice = slice(None), cols: slice = slice(None)
-          ) -> torch.Tensor:
-    """``dense`` (a tile ``W[rows, cols]`` of its own) plus ``s·b[rows] a[:, cols]``, in place."""
-    if low_rank is not None:
-        b, a, scale = low_rank
-        dense.addmm_(b[rows], a[:, cols], alpha=scale)
-    return dense
+def _sliced(low_rank: LowRank | None, rows: slice = slice(None), cols: slice = slice(None)
+            ) -> native_dequant.Fold | None:
+    """``(b[rows], a[:, cols], s)``: the part of the update that falls on the tile ``W[rows, cols]``."""
+    if low_rank is None:
+        return None
+    b, a, scale = low_rank
+    return b[rows], a[:, cols], scale
 
 
 def kernel_choice() -> str:
@@ -324,19 +328,19 @@ def _tiled_forward(weight, x: torch.Tensor, low_rank: LowRank | None = None) -> 
     out_features, in_features = weight.shape
     tile = weight.tile_dequantizer()
     if tile is None:
-        return F.linear(x, _plus(weight.dequantize(x.dtype), low_rank))
+        return F.linear(x, native_dequant.plus(weight.dequantize(x.dtype), low_rank))
     step = max(1, TILE_ELEMENTS // in_features)
     everything = slice(0, in_features)
     if step >= out_features:  # one tile: the layer whole, and the very same op as a dense layer
         rows = slice(0, out_features)
-        dense = tile(rows, everything, x.dtype, workspace(out_features, in_features, x.dtype))
-        return F.linear(x, _plus(dense, low_rank))
+        return F.linear(x, tile(rows, everything, x.dtype, workspace(out_features, in_features, x.dtype), low_rank))
     y_t = torch.empty(out_features, x.shape[0], dtype=x.dtype, device=x.device)
     x_t = x.t()
     for start in range(0, out_features, step):
         rows = slice(start, min(start + step, out_features))
-        dense = tile(rows, everything, x.dtype, workspace(rows.stop - start, in_features, x.dtype))
-        torch.mm(_plus(dense, low_rank, rows=rows), x_t, out=y_t[rows])
+        dense = tile(rows, everything, x.dtype, workspace(rows.stop - start, in_features, x.dtype),
+                     _sliced(low_rank, rows=rows))
+        torch.mm(dense, x_t, out=y_t[rows])
     return y_t.t().contiguous()
 
 
@@ -345,20 +349,20 @@ def _tiled_input_grad(weight, grad_y: torch.Tensor, low_rank: LowRank | None = N
     out_features, in_features = weight.shape
     tile = weight.tile_dequantizer()
     if tile is None:
-        return grad_y @ _plus(weight.dequantize(grad_y.dtype), low_rank)
+        return grad_y @ native_dequant.plus(weight.dequantize(grad_y.dtype), low_rank)
     align = weight.tile_columns
     step = max(align, TILE_ELEMENTS // out_features // align * align)
     everything = slice(0, out_features)
     if step >= in_features:
         cols = slice(0, in_features)
-        dense = tile(everything, cols, grad_y.dtype, workspace(out_features, in_features, grad_y.dtype))
-        return grad_y @ _plus(dense, low_rank)
+        return grad_y @ tile(everything, cols, grad_y.dtype, workspace(out_features, in_features, grad_y.dtype), low_rank)
     g_t = torch.empty(in_features, grad_y.shape[0], dtype=grad_y.dtype, device=grad_y.device)
     grad_t = grad_y.t()
     for start in range(0, in_features, step):
         cols = slice(start, min(start + step, in_features))
-        dense = tile(everything, cols, grad_y.dtype, workspace(out_features, cols.stop - start, grad_y.dtype))
-        torch.mm(_plus(dense, low_rank, cols=cols).t(), grad_t, out=g_t[cols])
+        dense = tile(everything, cols, grad_y.dtype, workspace(out_features, cols.stop - start, grad_y.dtype),
+                     _sliced(low_rank, cols=cols))
+        torch.mm(dense.t(), grad_t, out=g_t[cols])
     return g_t.t().contiguous()
 
 

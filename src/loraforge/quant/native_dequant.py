@@ -25,6 +25,9 @@ bytes, Q8_0 signed bytes."""
 DTYPES = (torch.float32, torch.bfloat16)
 """Output dtypes the native decode writes; others take the torch decode."""
 
+Fold = tuple[torch.Tensor, torch.Tensor, float]
+"""``(b (rows, r), a (r, cols), s)``: a low-rank update ``s·b a`` added to a tile as it is decoded."""
+
 _CAPABILITY_ISAS = {"AVX512": "avx512", "AVX2": "avx2"}
 _NO_TENSOR = torch.empty(0)
 _NO_MIN = torch.empty(0, dtype=torch.float16)
@@ -46,8 +49,9 @@ def isa() -> str:
 
 def decode(codes: torch.Tensor, scale: torch.Tensor, layout: str, group: int, dtype: torch.dtype, cols: int, *,
            min: torch.Tensor | None = None, table: torch.Tensor | None = None, offset: int = 0,
-           out: torch.Tensor | None = None) -> torch.Tensor:
-    """A dense ``(rows, cols)`` tile in ``dtype`` (only where :func:`runs`), written into ``out`` when given.
+           out: torch.Tensor | None = None, fold: Fold | None = None) -> torch.Tensor:
+    """A dense ``(rows, cols)`` tile in ``dtype`` (only where :func:`runs`), written into ``out`` when given, plus
+    ``fold``'s update where given.
 
     Args:
         codes: the tile's packed codes, uint8 or int8 ``(rows, cols · bits / 8)`` (GGUF: ``(rows, blocks, 16|32)``),
@@ -58,9 +62,21 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, layout: str, group: int, dt
         min: fp16 like ``scale``, added after the product (INTk, Q4_1).
         table: NF4/FP4's 16 fp32 code values: ``w = table[q] · scale``; without it ``w = scale · (q − offset)``.
         out: a contiguous ``(rows, cols)`` buffer in ``dtype`` to write (``kernels``' reused workspace).
+        fold: ``(b (rows, r), a (r, cols), s)`` fp32 (fp32 tiles only): each row ``i`` gets ``s·b[i] a`` added right
+            after it is decoded, while it is in cache (training's fold, ``kernels.LowRank`` sliced to the tile).
     """
     if out is None:
         out = torch.empty(codes.shape[0], cols, dtype=dtype)
+    b, a, s = (_NO_TENSOR, _NO_TENSOR, 0.0) if fold is None else fold
     DEQUANT.library().decode(codes, scale, _NO_MIN if min is None else min, _NO_TENSOR if table is None else table,
-                             LAYOUTS.index(layout), group, offset, out, isa())
+                             LAYOUTS.index(layout), group, offset, out, isa(), b, a, s)
     return out
+
+
+def plus(dense: torch.Tensor, fold: Fold | None) -> torch.Tensor:
+    """``dense`` (a tile of its own) plus ``fold``'s ``s·b a``, in place: the fold where the native decode doesn't
+    run (torch's decode, other devices)."""
+    if fold is not None:
+        b, a, s = fold
+        dense.addmm_(b, a, alpha=s)
+    return dense
