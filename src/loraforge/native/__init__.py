@@ -10,10 +10,11 @@ complete (``utils.atomic``), so no half-built library ever sits under the final 
 code picks its instruction set at run time (AVX512-VNNI / AVX512 / AVX2 / portable), so a cached build stays valid
 on any x86-64 machine, and other architectures build the portable code.
 
-Every library is compiled and linked with ``-fopenmp`` (``OPENMP``): ``at::parallel_for`` is inline code that
-splits work over torch's OpenMP threads only where it is compiled with OpenMP, and runs it all on the calling
-thread otherwise. The link names ``libgomp.so.1``, which resolves to the copy torch has already loaded (the same
-soname), so the work runs on torch's one thread pool and follows ``torch.set_num_threads``.
+Every library is compiled with ``-fopenmp`` (``OPENMP``): ``at::parallel_for`` is inline code that splits work
+over torch's OpenMP threads only where it is compiled with OpenMP, and runs it all on the calling thread otherwise.
+It is linked against the OpenMP runtime torch itself has loaded (:func:`torch_openmp_runtime`: pip wheels bundle
+one, sometimes under a renamed soname such as ``libgomp-<hash>.so.1``), never a second copy from the system: two
+runtimes would mean two thread pools competing for the cores, one of them deaf to ``torch.set_num_threads``.
 
 If a build fails (no compiler, no ninja), :meth:`NativeLibrary.library` returns None after ONE warning that names
 what is missing and what runs instead (torch's ops), and :meth:`NativeLibrary.status` says so.
@@ -25,6 +26,7 @@ import fcntl
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -103,7 +105,23 @@ apart, as torch rounds them."""
 
 
 OPENMP = "-fopenmp"
-"""Compile and link flag of every library (see the module docstring)."""
+"""Compile flag of every library (see the module docstring)."""
+
+
+def torch_openmp_runtime() -> str | None:
+    """The OpenMP runtime library torch has loaded in this process (GNU ``libgomp*``, Intel ``libiomp5``, LLVM
+    ``libomp``), read from ``/proc/self/maps``; None where there is none or no ``/proc`` (the build then links
+    with ``-fopenmp``: the compiler's own runtime)."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        return None
+    loaded = {line.split(maxsplit=5)[-1].strip() for line in maps.read_text().splitlines() if line.count(" ") >= 5}
+    runtimes = sorted(path for path in loaded if _OPENMP_RUNTIME.match(os.path.basename(path)))
+    in_torch = [path for path in runtimes if path.startswith(os.path.dirname(torch.__file__))]
+    return (in_torch or runtimes or [None])[0]
+
+
+_OPENMP_RUNTIME = re.compile(r"lib(gomp|iomp5|omp)([-.].*)?\.so(\.\d+)*$")
 
 
 def build_extension(source: Path, stem: str, cflags: list[str], what: str):
@@ -128,8 +146,9 @@ def build_extension(source: Path, stem: str, cflags: list[str], what: str):
 
         print(f"loraforge: building {what} into {target} (first use only, ~30 s)", file=sys.stderr, flush=True)
         with atomic_dir(target) as staging:
-            module = cpp_extension.load(name, [str(source)], extra_cflags=[*cflags, OPENMP], extra_ldflags=[OPENMP],
-                                        build_directory=str(staging), verbose=False)
+            module = cpp_extension.load(name, [str(source)], extra_cflags=[*cflags, OPENMP],
+                                        extra_ldflags=[torch_openmp_runtime() or OPENMP], build_directory=str(staging),
+                                        verbose=False)
         return module, True
 
 
@@ -141,7 +160,7 @@ def _build_dir(name: str) -> Path:
 
 def _name(source: Path, stem: str, cflags: list[str]) -> str:
     key = hashlib.sha256(source.read_bytes())
-    key.update(f"{cflags}|{OPENMP}|{torch.__version__}|{sys.implementation.cache_tag}|{sysconfig.get_platform()}".encode())
+    key.update(f"{cflags}|{OPENMP}|{torch_openmp_runtime()}|{torch.__version__}|{sys.implementation.cache_tag}|{sysconfig.get_platform()}".encode())
     return f"{stem}_{key.hexdigest()[:16]}"
 
 

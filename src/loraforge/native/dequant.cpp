@@ -8,19 +8,20 @@
 // written as separate multiply and add instructions), as torch rounds them; a bf16 output is rounded to nearest
 // even from the fp32 value, NaN becoming 0xFFFF, as torch's vectorised ``.to(torch.bfloat16)`` does.
 // Optionally (fp32 tiles, training's fold: ``adapters/low_rank_linear.py``) a low-rank update is added to each row
-// right after it is decoded, while it is in L1: w + s·(b[i] · a), the r-term sum in k order by fused multiply-adds,
-// then scaled and added (rounded apart).
+// right after it is decoded, while it is in L1: w + s·(b[i] · a), the r-term sum in k order (fused multiply-adds
+// in the AVX2 and AVX512 paths, which agree bit for bit; the portable path rounds each product), then scaled and
+// added (rounded apart).
 // Plus the double-quantized absmax of NF4/FP4 (``double_quant.py``): map[code]·nested_absmax[i/256] + offset.
 //
 // Paths: AVX512 (a 16-entry table lookup is one ``vpermps``), AVX2 (two 8-entry lookups and a blend) and portable
 // C++, compiled in this one file with per-function target attributes and chosen by the caller (torch's CPU
 // capability, so ``ATEN_CPU_CAPABILITY=avx2`` runs the AVX2 path), so the library runs on any x86-64 and builds
-// elsewhere with the portable path. Rows are split over torch's threads (``at::parallel_for``).
+// elsewhere with the portable path. Rows are split over torch's threads (``at::parallel_for``, which needs the OpenMP
+// build flag: ``native/__init__.py``).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -138,13 +139,16 @@ struct Fold {
 };
 
 void fold_scalar(const Fold& f, float* out, int64_t out_stride, const float* b, int64_t nrows, int64_t cols) {
+  std::vector<float> acc(cols);
   for (int64_t j = 0; j < nrows; ++j) {
-    for (int64_t c = 0; c < cols; ++c) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < f.r; ++k) acc = std::fma(b[j * f.b_stride + k], f.a[k * f.a_stride + c], acc);
-      float* o = out + j * out_stride + c;
-      *o = *o + f.scale * acc;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t k = 0; k < f.r; ++k) {  // k outermost: the column loop is contiguous (and vectorizes), the sum order kept
+      const float bk = b[j * f.b_stride + k];
+      const float* a = f.a + k * f.a_stride;
+      for (int64_t c = 0; c < cols; ++c) acc[c] = acc[c] + bk * a[c];  // rounded apart, no fused multiply-add
     }
+    float* o = out + j * out_stride;
+    for (int64_t c = 0; c < cols; ++c) o[c] = o[c] + f.scale * acc[c];
   }
 }
 
@@ -236,21 +240,28 @@ AVX2_TARGET void row_avx2(const Spec& s, const Row& r) {
   }
 }
 
-// NR rows at once, so that each a vector loaded serves NR rows.
+// NR rows and two vectors of columns at once: each a vector loaded serves NR rows, each b value two vectors.
 template <int NR>
 __attribute__((target("avx2,fma"))) void fold_avx2_rows(const Fold& f, float* out, int64_t out_stride, const float* b,
                                                        int64_t cols) {
   const __m256 scale = _mm256_set1_ps(f.scale);
-  for (int64_t c = 0; c < cols; c += 8) {
-    __m256 acc[NR];
-    for (int j = 0; j < NR; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < cols; c += 16) {
+    __m256 acc[NR][2];
+    for (int j = 0; j < NR; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
     for (int64_t k = 0; k < f.r; ++k) {
-      const __m256 av = _mm256_loadu_ps(f.a + k * f.a_stride + c);
-      for (int j = 0; j < NR; ++j) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(b[j * f.b_stride + k]), av, acc[j]);
+      const float* a = f.a + k * f.a_stride + c;
+      const __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
+      for (int j = 0; j < NR; ++j) {
+        const __m256 bj = _mm256_set1_ps(b[j * f.b_stride + k]);
+        acc[j][0] = _mm256_fmadd_ps(bj, a0, acc[j][0]);
+        acc[j][1] = _mm256_fmadd_ps(bj, a1, acc[j][1]);
+      }
     }
     for (int j = 0; j < NR; ++j) {
-      float* o = out + j * out_stride + c;
-      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_mul_ps(scale, acc[j])));
+      for (int h = 0; h < 2; ++h) {
+        float* o = out + j * out_stride + c + 8 * h;
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_mul_ps(scale, acc[j][h])));
+      }
     }
   }
 }
@@ -304,16 +315,23 @@ AVX512_TARGET void row_avx512(const Spec& s, const Row& r) {
 template <int NR>
 AVX512_TARGET void fold_avx512_rows(const Fold& f, float* out, int64_t out_stride, const float* b, int64_t cols) {
   const __m512 scale = _mm512_set1_ps(f.scale);
-  for (int64_t c = 0; c < cols; c += 16) {
-    __m512 acc[NR];
-    for (int j = 0; j < NR; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < cols; c += 32) {
+    __m512 acc[NR][2];
+    for (int j = 0; j < NR; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
     for (int64_t k = 0; k < f.r; ++k) {
-      const __m512 av = _mm512_loadu_ps(f.a + k * f.a_stride + c);
-      for (int j = 0; j < NR; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(b[j * f.b_stride + k]), av, acc[j]);
+      const float* a = f.a + k * f.a_stride + c;
+      const __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16);
+      for (int j = 0; j < NR; ++j) {
+        const __m512 bj = _mm512_set1_ps(b[j * f.b_stride + k]);
+        acc[j][0] = _mm512_fmadd_ps(bj, a0, acc[j][0]);
+        acc[j][1] = _mm512_fmadd_ps(bj, a1, acc[j][1]);
+      }
     }
     for (int j = 0; j < NR; ++j) {
-      float* o = out + j * out_stride + c;
-      _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(scale, acc[j])));
+      for (int h = 0; h < 2; ++h) {
+        float* o = out + j * out_stride + c + 16 * h;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(scale, acc[j][h])));
+      }
     }
   }
 }
