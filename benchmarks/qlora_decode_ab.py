@@ -6,11 +6,13 @@ Every case steps once per rep, the order rotated each rep; min and median over r
 shared machine. fp32 compute, LoRA r=16 alpha=32 on every linear, batch 4×256, random token ids.
 
     ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \\
-        python benchmarks/qlora_decode_ab.py --threads 2 --reps 5 [--lock FILE] [--random-weights] [--no-bnb]
+        python benchmarks/qlora_decode_ab.py --threads 2 --reps 5 [--lock FILE] [--random-weights] [--no-bnb] \\
+        [--model default|1b] [--kinds lora,qlora]
 
 ``--random-weights``: the default model's shapes with random weights, for a machine without the model package
-(bitsandbytes + PEFT needs the saved weights and is left out). It prints, it doesn't append: BENCHMARKS.md quotes
-its runs by hand with the machine's CPU flags.
+(bitsandbytes + PEFT needs the saved weights and is left out). ``--model 1b``: the random TinyLlama-shaped 1.1B
+model of ``qlora_vs_lora.py`` (several tiles per layer), random weights. It prints, it doesn't append:
+BENCHMARKS.md quotes its runs by hand with the machine's CPU flags.
 """
 
 from __future__ import annotations
@@ -36,19 +38,21 @@ DEFAULT_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers
 """SmolLM2-135M's (the default model's) config, for ``--random-weights``."""
 
 
-def base_model(random_weights: bool):
+def base_model(random_weights: bool, shape: str = "default"):
     torch.manual_seed(0)
-    if random_weights:
+    if random_weights or shape == "1b":
+        from qlora_vs_lora import LLAMA_1B
         from transformers import AutoModelForCausalLM, LlamaConfig
 
-        return AutoModelForCausalLM.from_config(LlamaConfig(**DEFAULT_SHAPES), dtype=torch.float32)
+        config = LlamaConfig(**(LLAMA_1B if shape == "1b" else DEFAULT_SHAPES))
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     from loraforge.models import load_model
 
     return load_model("default")[0]
 
 
-def build(kind: str, random_weights: bool):
-    model = base_model(random_weights)
+def build(kind: str, random_weights: bool, shape: str = "default"):
+    model = base_model(random_weights, shape)
     method = "lora"
     if kind == "qlora":
         quantize_model(model, bits=4, type="nf4", double_quant=True, block_size=64, compute_dtype="fp32")
@@ -89,7 +93,7 @@ def train_ready(model):
 
 
 def step(model, optimizer, seed: int) -> None:
-    ids = torch.randint(0, 49152, (4, 256), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, model.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(seed))
     total, count = summed_token_loss(model, {"input_ids": ids, "labels": ids})
     (total / count).backward()
     optimizer.step()
@@ -122,17 +126,20 @@ def main() -> None:
     parser.add_argument("--lock", help="a file to flock around the build and each rep (a machine shared with other timings)")
     parser.add_argument("--random-weights", action="store_true", help="the default model's shapes, random weights")
     parser.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes + PEFT out")
+    parser.add_argument("--model", choices=("default", "1b"), default="default")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"some of {','.join(KINDS)} (lora is always run)")
     args = parser.parse_args()
+    kinds = ["lora", *(k for k in args.kinds.split(",") if k in KINDS and k != "lora")]
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads")
-    bnb = not (args.no_bnb or args.random_weights)
+    bnb = not (args.no_bnb or args.random_weights or args.model == "1b")
     with locked(args.lock) if args.lock else nullcontext():
-        runs = {kind: build(kind, args.random_weights) for kind in KINDS}
+        runs = {kind: build(kind, args.random_weights, args.model) for kind in kinds}
         if bnb:
             runs["bnb-peft"] = build_bnb_peft()
         for run in runs.values():
             step(*run, 0)
-    cases = [(kind, mode) for kind in KINDS for mode in MODES] + ([("bnb-peft", "-")] if bnb else [])
+    cases = [(kind, mode) for kind in kinds for mode in MODES] + ([("bnb-peft", "-")] if bnb else [])
     times: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
     for rep in range(args.reps):
         with locked(args.lock) if args.lock else nullcontext():

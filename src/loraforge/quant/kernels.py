@@ -26,8 +26,9 @@ Three CPU paths, chosen per call by the number of input rows (tokens) ``M``:
   ``fused_int4pack`` packs several weights of one input (q/k/v, gate/up) as one, for one call per part.
 - **tiled dequantize-and-matmul** (every other case, and formats the kernel can't take: NF4/FP4, whose
   16 levels are not evenly spaced). The weight is dequantized ``TILE_ELEMENTS`` at
-  a time, each tile multiplied while it is still in cache: the dense layer never exists whole (unless it fits
-  one tile), and nothing but the one reused tile buffer outlives the call.
+  a time, each tile multiplied right after it is decoded, its product written into its own columns of the
+  output: the dense layer never exists whole (unless it fits one tile), and nothing but the one reused tile
+  buffer outlives the call.
 
 The backward needs only the input's gradient ``grad_y @ W`` (the base weight is frozen); it dequantizes
 in column tiles the same way. Other devices (CUDA) dequantize the layer whole and call ``F.linear``.
@@ -68,9 +69,12 @@ import torch.nn.functional as F
 from loraforge.native import LOWBIT
 from loraforge.quant import native_dequant
 
-TILE_ELEMENTS = 1 << 20
-"""Weights dequantized per tile: 4 MiB in fp32, so that a tile stays in cache (L3) while it is multiplied, and few
-enough tiles that the per-op overhead stays small."""
+TILE_ELEMENTS = 1 << 23
+"""Weights dequantized per tile: 32 MiB in fp32 (the one reused buffer per thread, whatever the model's size).
+Each tile is one GEMM call, and each call packs its whole other operand (the input, or the output's gradient)
+again, so fewer, larger tiles pay: on the 1.1B TinyLlama-shaped model (layers up to 5632×2048, batch 4×256,
+2 cores, AVX2) a QLoRA step took 1.04-1.06× LoRA's with 1M-weight tiles, 1.01-1.02× with 4M and 1.01× with 8M
+(BENCHMARKS.md, "Larger tiles"). The default model's layers (at most 1536×576) are one tile either way."""
 
 INT4PACK_MAX_ROWS = {torch.float32: 0, torch.bfloat16: 32, torch.float16: 1}
 """Largest number of input rows for which torch's int4 CPU kernel beats the tiled path, by compute dtype
@@ -324,7 +328,8 @@ def describe(weight, dtype: torch.dtype) -> str:
 
 
 def _tiled_forward(weight, x: torch.Tensor, low_rank: LowRank | None = None) -> torch.Tensor:
-    """``x (M, K) @ W.T`` with ``W`` dequantized in row tiles: ``y.T[r] = W[r] @ x.T``."""
+    """``x (M, K) @ W.T`` with ``W`` dequantized in row tiles, each product written into its columns of the output:
+    ``y[:, r] = x @ W[r].T``."""
     out_features, in_features = weight.shape
     tile = weight.tile_dequantizer()
     if tile is None:
@@ -334,18 +339,18 @@ def _tiled_forward(weight, x: torch.Tensor, low_rank: LowRank | None = None) -> 
     if step >= out_features:  # one tile: the layer whole, and the very same op as a dense layer
         rows = slice(0, out_features)
         return F.linear(x, tile(rows, everything, x.dtype, workspace(out_features, in_features, x.dtype), low_rank))
-    y_t = torch.empty(out_features, x.shape[0], dtype=x.dtype, device=x.device)
-    x_t = x.t()
+    y = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
     for start in range(0, out_features, step):
         rows = slice(start, min(start + step, out_features))
         dense = tile(rows, everything, x.dtype, workspace(rows.stop - start, in_features, x.dtype),
                      _sliced(low_rank, rows=rows))
-        torch.mm(dense, x_t, out=y_t[rows])
-    return y_t.t().contiguous()
+        torch.mm(x, dense.t(), out=y[:, rows])
+    return y
 
 
 def _tiled_input_grad(weight, grad_y: torch.Tensor, low_rank: LowRank | None = None) -> torch.Tensor:
-    """``grad_y (M, N) @ W`` with ``W`` dequantized in column tiles: ``g.T[c] = W[:, c].T @ grad_y.T``."""
+    """``grad_y (M, N) @ W`` with ``W`` dequantized in column tiles, each product written into its columns of the
+    result: ``g[:, c] = grad_y @ W[:, c]``."""
     out_features, in_features = weight.shape
     tile = weight.tile_dequantizer()
     if tile is None:
@@ -356,14 +361,13 @@ def _tiled_input_grad(weight, grad_y: torch.Tensor, low_rank: LowRank | None = N
     if step >= in_features:
         cols = slice(0, in_features)
         return grad_y @ tile(everything, cols, grad_y.dtype, workspace(out_features, in_features, grad_y.dtype), low_rank)
-    g_t = torch.empty(in_features, grad_y.shape[0], dtype=grad_y.dtype, device=grad_y.device)
-    grad_t = grad_y.t()
+    g = torch.empty(grad_y.shape[0], in_features, dtype=grad_y.dtype, device=grad_y.device)
     for start in range(0, in_features, step):
         cols = slice(start, min(start + step, in_features))
         dense = tile(everything, cols, grad_y.dtype, workspace(out_features, cols.stop - start, grad_y.dtype),
                      _sliced(low_rank, cols=cols))
-        torch.mm(dense.t(), grad_t, out=g_t[cols])
-    return g_t.t().contiguous()
+        torch.mm(grad_y, dense, out=g[:, cols])
+    return g
 
 
 class Int4Pack:
