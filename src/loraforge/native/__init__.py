@@ -14,7 +14,9 @@ Every library is compiled with ``-fopenmp`` (``OPENMP``): ``at::parallel_for`` i
 over torch's OpenMP threads only where it is compiled with OpenMP, and runs it all on the calling thread otherwise.
 It is linked against the OpenMP runtime torch itself has loaded (:func:`torch_openmp_runtime`: pip wheels bundle
 one, sometimes under a renamed soname such as ``libgomp-<hash>.so.1``), never a second copy from the system: two
-runtimes would mean two thread pools competing for the cores, one of them deaf to ``torch.set_num_threads``.
+runtimes would mean two thread pools competing for the cores, one of them deaf to ``torch.set_num_threads``. Where
+no runtime is found (no ``/proc``: macOS, whose compiler may lack ``-fopenmp``), the libraries are built without
+OpenMP and run on the calling thread.
 
 If a build fails (no compiler, no ninja), :meth:`NativeLibrary.library` returns None after ONE warning that names
 what is missing and what runs instead (torch's ops), and :meth:`NativeLibrary.status` says so.
@@ -110,8 +112,7 @@ OPENMP = "-fopenmp"
 
 def torch_openmp_runtime() -> str | None:
     """The OpenMP runtime library torch has loaded in this process (GNU ``libgomp*``, Intel ``libiomp5``, LLVM
-    ``libomp``), read from ``/proc/self/maps``; None where there is none or no ``/proc`` (the build then links
-    with ``-fopenmp``: the compiler's own runtime)."""
+    ``libomp``), read from ``/proc/self/maps``; None where there is none or no ``/proc``."""
     maps = Path("/proc/self/maps")
     if not maps.is_file():
         return None
@@ -145,9 +146,10 @@ def build_extension(source: Path, stem: str, cflags: list[str], what: str):
         from torch.utils import cpp_extension
 
         print(f"loraforge: building {what} into {target} (first use only, ~30 s)", file=sys.stderr, flush=True)
+        runtime = torch_openmp_runtime()
         with atomic_dir(target) as staging:
-            module = cpp_extension.load(name, [str(source)], extra_cflags=[*cflags, OPENMP],
-                                        extra_ldflags=[torch_openmp_runtime() or OPENMP], build_directory=str(staging),
+            module = cpp_extension.load(name, [str(source)], extra_cflags=[*cflags, *([OPENMP] if runtime else [])],
+                                        extra_ldflags=[runtime] if runtime else [], build_directory=str(staging),
                                         verbose=False)
         return module, True
 
@@ -160,7 +162,9 @@ def _build_dir(name: str) -> Path:
 
 def _name(source: Path, stem: str, cflags: list[str]) -> str:
     key = hashlib.sha256(source.read_bytes())
-    key.update(f"{cflags}|{OPENMP}|{torch_openmp_runtime()}|{torch.__version__}|{sys.implementation.cache_tag}|{sysconfig.get_platform()}".encode())
+    runtime = torch_openmp_runtime()
+    key.update(f"{cflags}|{OPENMP}|{runtime}|{torch.__version__}|{sys.implementation.cache_tag}|"
+               f"{sysconfig.get_platform()}".encode())
     return f"{stem}_{key.hexdigest()[:16]}"
 
 
