@@ -35,6 +35,7 @@ import sysconfig
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -110,9 +111,11 @@ OPENMP = "-fopenmp"
 """Compile flag of every library (see the module docstring)."""
 
 
+@cache
 def torch_openmp_runtime() -> str | None:
     """The OpenMP runtime library torch has loaded in this process (GNU ``libgomp*``, Intel ``libiomp5``, LLVM
-    ``libomp``), read from ``/proc/self/maps``; None where there is none or no ``/proc``."""
+    ``libomp``), read from ``/proc/self/maps`` once (torch loads it on import); None where there is none or no
+    ``/proc``."""
     maps = Path("/proc/self/maps")
     if not maps.is_file():
         return None

@@ -115,9 +115,9 @@ torch's kernels only (exact products of the dequantized weight, slower decode)."
 KERNEL: str | None = None
 """The choice in effect, read from ``$LORAFORGE_QUANT_KERNEL`` on first use (tests set it directly)."""
 
-LowRank = tuple[torch.Tensor, torch.Tensor, float]
+LowRank = native_dequant.Fold
 """``(b (out, r), a (r, in), s)``: the update ``s·b a`` that ``linear`` and ``input_grad`` add to the dequantized
-weight before its product."""
+weight before its product (a whole layer's ``native_dequant.Fold``, sliced per tile by ``_sliced``)."""
 
 _WORKSPACES = threading.local()
 
@@ -174,8 +174,7 @@ def workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     return flat[: rows * cols].view(rows, cols)
 
 
-def _sliced(low_rank: LowRank | None, rows: slice = slice(None), cols: slice = slice(None)
-            ) -> native_dequant.Fold | None:
+def _sliced(low_rank: LowRank | None, rows: slice = slice(None), cols: slice = slice(None)) -> LowRank | None:
     """``(b[rows], a[:, cols], s)``: the part of the update that falls on the tile ``W[rows, cols]``."""
     if low_rank is None:
         return None
