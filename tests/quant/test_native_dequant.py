@@ -212,16 +212,53 @@ def test_bad_tiles_are_refused_with_a_clear_error(lib):
     scale = torch.ones(4, 1, dtype=torch.float16)
     no_min, none = torch.empty(0, dtype=torch.float16), torch.empty(0)
     with pytest.raises(RuntimeError, match="codes must be bytes"):
-        lib.decode(codes, scale, no_min, none, 5, 32, 0, torch.empty(4, 32), "", none, none, 0.0)
+        lib.decode(codes, scale, no_min, none, 5, 32, 0, torch.empty(4, 32), "", none, none, 0.0, none, none, none, 0)
     with pytest.raises(RuntimeError, match="out must be a 2-D float32 or bfloat16"):
-        lib.decode(codes, scale, no_min, none, 1, 32, 0, torch.empty(4, 32, dtype=torch.float16), "", none, none, 0.0)
+        lib.decode(codes, scale, no_min, none, 1, 32, 0, torch.empty(4, 32, dtype=torch.float16), "", none, none, 0.0, none, none, none, 0)
     with pytest.raises(RuntimeError, match="not available on this CPU"):
-        lib.decode(codes, scale, no_min, none, 1, 32, 0, torch.empty(4, 32), "neon", none, none, 0.0)
+        lib.decode(codes, scale, no_min, none, 1, 32, 0, torch.empty(4, 32), "neon", none, none, 0.0, none, none, none, 0)
     for out, b, a in [(torch.empty(4, 32, dtype=torch.bfloat16), torch.ones(4, 2), torch.ones(2, 32)),
                       (torch.empty(4, 32), torch.ones(4, 2), torch.ones(3, 32)),
                       (torch.empty(4, 32), torch.ones(4, 2), torch.ones(32, 2).t())]:
         with pytest.raises(RuntimeError, match=r"a fold needs an fp32 out, fp32 b \(4, r\) and a \(r, 32\)"):
-            lib.decode(codes, scale, no_min, none, 1, 32, 0, out, "", b, a, 1.0)
+            lib.decode(codes, scale, no_min, none, 1, 32, 0, out, "", b, a, 1.0, none, none, none, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_tile_decode_reads_a_double_quantized_absmax_as_it_goes(lib, monkeypatch, dtype):
+    """A double-quantized NF4 weight's tile decodes its absmax codes itself, each with the nested scale of its index
+    in the whole weight (tiles starting in the second and third nested block of 256, rows of very different
+    magnitudes so that every nested scale differs), bit for bit as the torch decode of the decoded absmax; no
+    separate absmax decode runs."""
+    generator = torch.Generator().manual_seed(11)
+    magnitudes = 10.0 ** torch.linspace(-4, 1, 70)[:, None]
+    weight = weight_under_test("nf4-64-dq", torch.randn(70, 576, generator=generator) * magnitudes)
+    assert weight.nested_absmax.unique().numel() == 3  # 630 blocks: three nested scales
+    windows = [(slice(0, 70), slice(0, 576)), (slice(29, 70), slice(64, 512)), (slice(57, 58), slice(512, 576))]
+    with monkeypatch.context() as off:
+        torch_decode(off)
+        tile = weight.tile_dequantizer()
+        expected = [tile(rows, cols, dtype) for rows, cols in windows]
+    separate = []
+    monkeypatch.setattr(weight, "block_absmax", lambda: separate.append(1))
+    for isa in lib.available_isas():
+        monkeypatch.setattr(native_dequant, "isa", lambda isa=isa: isa)
+        tile = weight.tile_dequantizer()
+        for (rows, cols), want in zip(windows, expected):
+            assert torch.equal(bits(tile(rows, cols, dtype)), bits(want)), f"{dtype} {isa}: tile {rows}, {cols}"
+    assert not separate
+
+
+def test_bad_double_quantized_scales_are_refused_with_a_clear_error(lib):
+    codes = torch.zeros(4, 16, dtype=torch.uint8)
+    scale = torch.zeros(4, 1, dtype=torch.uint8)
+    no_min, none, out = torch.empty(0, dtype=torch.float16), torch.empty(0), torch.empty(4, 32)
+    table, offset, dmap = torch.zeros(16), torch.zeros(()), torch.zeros(256)
+    for nested, origin in [(torch.ones(1), 253), (torch.ones(1, dtype=torch.float16), 0), (torch.ones(1), -1)]:
+        with pytest.raises(RuntimeError, match="double-quantized scale codes need dense rows, an origin >= 0"):
+            lib.decode(codes, scale, no_min, table, 0, 32, 0, out, "", none, none, 0.0, nested, offset, dmap, origin)
+    with pytest.raises(RuntimeError, match="one fp32 offset and the 256-value fp32 map"):
+        lib.decode(codes, scale, no_min, table, 0, 32, 0, out, "", none, none, 0.0, torch.ones(1), offset, torch.zeros(255), 0)
 
 
 @pytest.mark.parametrize("name", ["nf4-64-dq", "int4-32", "q4_1"])

@@ -11,7 +11,9 @@
 // right after it is decoded, while it is in L1: w + s·(b[i] · a), the r-term sum in k order (fused multiply-adds
 // in the AVX2 and AVX512 paths, which agree bit for bit; the portable path rounds each product), then scaled and
 // added (rounded apart).
-// Plus the double-quantized absmax of NF4/FP4 (``double_quant.py``): map[code]·nested_absmax[i/256] + offset.
+// NF4/FP4's double-quantized absmax (``double_quant.py``: map[code]·nested_absmax[i/256] + offset, each step rounded)
+// is decoded either on its own (``double_dequantize``) or inside the tile's decode, one value per group as the row
+// reaches it (uint8 ``scale``: no separate pass, no (n,) fp32 array per call).
 //
 // Paths: AVX512 (a 16-entry table lookup is one ``vpermps``), AVX2 (two 8-entry lookups and a blend) and portable
 // C++, compiled in this one file with per-function target attributes and chosen by the caller (torch's CPU
@@ -51,12 +53,26 @@ constexpr int chunk_bytes(int layout) {
   return layout == INT2 ? 8 : layout == INT3 ? 12 : (layout == U8 || layout == S8) ? 32 : 16;
 }
 
+// How a group's scale is stored: fp32 (NF4/FP4 absmax), fp16 (INTk scale, GGUF d), or a double-quantized absmax
+// code (uint8: map[code]·nested[i / 256] + offset, i the code's index in the weight's whole absmax array).
+enum ScaleKind { SCALE_FP32, SCALE_FP16, SCALE_DOUBLE_QUANT };
+
+struct DoubleQuant {
+  const uint8_t* first;  // where index 0 of the absmax codes would be (the tile's codes start at its origin)
+  const float* nested;   // (ceil(n / 256),)
+  const float* map;      // (256,)
+  float offset;
+};
+
+constexpr int64_t NESTED = 256;  // absmax values per nested fp32 scale (double_quant.NESTED_BLOCK_SIZE)
+
 struct Spec {
   bool lut;
   float table[16];
   int32_t offset;
   int64_t group;        // elements per scale (and min)
-  bool scale_fp16;      // scales are fp16 (INTk, GGUF) or fp32 (NF4/FP4 absmax)
+  ScaleKind scale_kind;
+  DoubleQuant dq;       // SCALE_DOUBLE_QUANT only
   bool has_min;         // fp16 mins (INTk, Q4_1)
   bool bf16;            // output bf16, else fp32
   int64_t cols;
@@ -71,8 +87,18 @@ struct Row {
 
 inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 
+// The double-quantized absmax whose code is at ``code``, rounded as ``double_dequantize`` rounds it.
+inline float double_quant_scale(const DoubleQuant& dq, const uint8_t* code) {
+  const float v = dq.map[*code] * dq.nested[(code - dq.first) / NESTED];
+  return v + dq.offset;
+}
+
 inline float scale_at(const Spec& s, const Row& r, int64_t g) {
-  return s.scale_fp16 ? half_to_float(static_cast<const uint16_t*>(r.scale)[g]) : static_cast<const float*>(r.scale)[g];
+  switch (s.scale_kind) {
+    case SCALE_FP16: return half_to_float(static_cast<const uint16_t*>(r.scale)[g]);
+    case SCALE_DOUBLE_QUANT: return double_quant_scale(s.dq, static_cast<const uint8_t*>(r.scale) + g);
+    default: return static_cast<const float*>(r.scale)[g];
+  }
 }
 
 // fp32 -> bf16 bits, rounded to nearest even; NaN -> 0xFFFF (torch's vectorised conversion)
@@ -187,10 +213,10 @@ inline void unpack_x86(const uint8_t* p, __m128i& e0, __m128i& e1) {
 #define AVX2_TARGET __attribute__((target("avx2,f16c")))
 
 // A group's scale and min: fp16 by one F16C instruction (c10::Half's portable conversion costs more than the
-// group's 32 decodes), fp32 as is.
+// group's 32 decodes), fp32 and double-quantized codes as ``scale_at`` reads them.
 template <bool MIN>
 AVX2_TARGET inline void group_constants(const Spec& s, const Row& r, int64_t g, float& scale, float& m) {
-  scale = s.scale_fp16 ? _cvtsh_ss(static_cast<const uint16_t*>(r.scale)[g]) : static_cast<const float*>(r.scale)[g];
+  scale = s.scale_kind == SCALE_FP16 ? _cvtsh_ss(static_cast<const uint16_t*>(r.scale)[g]) : scale_at(s, r, g);
   m = MIN ? _cvtsh_ss(r.min[g]) : 0.f;
 }
 
@@ -415,11 +441,15 @@ int64_t row_stride(const at::Tensor& t, const char* name) {
 
 // Decode a tile into ``out`` (rows, cols) fp32 or bf16 (any row stride, dense rows): ``codes`` (rows, cols·bits/8)
 // uint8/int8 (or GGUF's (rows, blocks, 16|32)), ``scale`` (rows, cols/group) fp32 or fp16, ``min`` the same in fp16 or
-// empty, ``table`` (16,) fp32 for NF4/FP4 or empty; ``offset`` is subtracted from affine codes (Q4_0: 8). A non-empty
-// ``fold_b`` (rows, r) with ``fold_a`` (r, cols), fp32 with dense rows, adds ``fold_scale``·fold_b fold_a (fp32 out only).
+// empty, ``table`` (16,) fp32 for NF4/FP4 or empty; ``offset`` is subtracted from affine codes (Q4_0: 8). A uint8
+// ``scale`` holds double-quantized absmax codes: a tile of the weight's (n,) codes whose element [0][0] has index
+// ``scale_origin``, decoded with ``nested`` (ceil(n / 256),), ``nested_offset`` (one value) and ``nested_map`` (256,),
+// all fp32 (otherwise empty). A non-empty ``fold_b`` (rows, r) with ``fold_a`` (r, cols), fp32 with dense rows, adds
+// ``fold_scale``·fold_b fold_a (fp32 out only).
 void decode(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& min, const at::Tensor& table,
             int64_t layout, int64_t group, int64_t offset, const at::Tensor& out, const std::string& isa_name,
-            const at::Tensor& fold_b, const at::Tensor& fold_a, double fold_scale) {
+            const at::Tensor& fold_b, const at::Tensor& fold_a, double fold_scale, const at::Tensor& nested,
+            const at::Tensor& nested_offset, const at::Tensor& nested_map, int64_t scale_origin) {
   TORCH_CHECK(out.dim() == 2 && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
               "dequant: out must be a 2-D float32 or bfloat16 tensor, got ", out.sizes(), " ", out.scalar_type());
   const int64_t rows = out.size(0), cols = out.size(1);
@@ -428,10 +458,25 @@ void decode(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& 
   TORCH_CHECK(layout >= HIGH_FIRST && layout <= S8, "dequant: unknown code layout ", layout);
   TORCH_CHECK(codes.element_size() == 1 && codes.size(0) == rows && codes.numel() == rows * cols / CHUNK * chunk_bytes(layout),
               "dequant: codes must be bytes (rows, ", cols / CHUNK * chunk_bytes(layout), ") for this tile, got ", codes.sizes());
-  const bool scale_fp16 = scale.scalar_type() == at::kHalf;
-  TORCH_CHECK((scale_fp16 || scale.scalar_type() == at::kFloat) && scale.dim() == 2 && scale.size(0) == rows &&
-              scale.size(1) == cols / group, "dequant: scale must be fp32 or fp16 (", rows, ", ", cols / group, "), got ",
-              scale.sizes(), " ", scale.scalar_type());
+  const ScaleKind scale_kind = scale.scalar_type() == at::kHalf   ? SCALE_FP16
+                               : scale.scalar_type() == at::kByte ? SCALE_DOUBLE_QUANT
+                                                                  : SCALE_FP32;
+  TORCH_CHECK((scale_kind != SCALE_FP32 || scale.scalar_type() == at::kFloat) && scale.dim() == 2 && scale.size(0) == rows &&
+              scale.size(1) == cols / group, "dequant: scale must be fp32, fp16 or uint8 (", rows, ", ", cols / group,
+              "), got ", scale.sizes(), " ", scale.scalar_type());
+  DoubleQuant dq{};
+  if (scale_kind == SCALE_DOUBLE_QUANT) {
+    const int64_t last = scale_origin + (rows - 1) * scale.stride(0) + scale.size(1) - 1;  // largest code index read
+    TORCH_CHECK(scale_origin >= 0 && scale.stride(1) == 1 && nested.scalar_type() == at::kFloat && nested.is_contiguous() &&
+                nested.numel() > last / NESTED, "dequant: double-quantized scale codes need dense rows, an origin >= 0 "
+                "and fp32 nested scales covering code ", last, ", got origin ", scale_origin, " and ", nested.numel(),
+                " nested scales");
+    TORCH_CHECK(nested_offset.scalar_type() == at::kFloat && nested_offset.numel() == 1 && nested_map.scalar_type() == at::kFloat &&
+                nested_map.is_contiguous() && nested_map.numel() == 256,
+                "dequant: double-quantized scale codes need one fp32 offset and the 256-value fp32 map");
+    dq = DoubleQuant{scale.data_ptr<uint8_t>() - scale_origin, nested.data_ptr<float>(), nested_map.data_ptr<float>(),
+                     nested_offset.item<float>()};
+  }
   const bool has_min = min.numel() != 0;
   TORCH_CHECK(!has_min || (min.scalar_type() == at::kHalf && min.sizes() == scale.sizes()), "dequant: min must be fp16 like scale, or empty");
   const bool lut = table.numel() != 0;
@@ -448,7 +493,7 @@ void decode(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& 
               fold_b.sizes(), " ", fold_b.scalar_type(), ", a ", fold_a.sizes(), " ", fold_a.scalar_type());
   if (rows == 0 || cols == 0) return;
 
-  Spec s{lut, {}, static_cast<int32_t>(offset), group, scale_fp16, has_min, out.scalar_type() == at::kBFloat16, cols};
+  Spec s{lut, {}, static_cast<int32_t>(offset), group, scale_kind, dq, has_min, out.scalar_type() == at::kBFloat16, cols};
   if (lut) std::copy_n(table.data_ptr<float>(), 16, s.table);
   const RowFn fn = row_function(layout, isa_of(isa_name), s);
   const auto* c = static_cast<const uint8_t*>(codes.data_ptr());
@@ -476,24 +521,17 @@ void decode(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& 
 // The double-quantized absmax: ``(map[codes] · nested_absmax[i / 256]) + offset``, (n,) fp32, each step rounded.
 at::Tensor double_dequantize(const at::Tensor& codes, const at::Tensor& nested_absmax, const at::Tensor& offset,
                              const at::Tensor& map) {
-  constexpr int64_t nested = 256;
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "dequant: absmax codes must be contiguous uint8");
   const int64_t n = codes.numel();
-  TORCH_CHECK(nested_absmax.scalar_type() == at::kFloat && nested_absmax.is_contiguous() && nested_absmax.numel() == (n + nested - 1) / nested,
+  TORCH_CHECK(nested_absmax.scalar_type() == at::kFloat && nested_absmax.is_contiguous() && nested_absmax.numel() == (n + NESTED - 1) / NESTED,
               "dequant: nested_absmax must be contiguous fp32 (ceil(n / 256),)");
   TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.numel() == 1, "dequant: offset must be one fp32 value");
   TORCH_CHECK(map.scalar_type() == at::kFloat && map.is_contiguous() && map.numel() == 256, "dequant: map must be 256 fp32 values");
   at::Tensor out = at::empty({n}, codes.options().dtype(at::kFloat));
-  const uint8_t* q = codes.data_ptr<uint8_t>();
-  const float* a = nested_absmax.data_ptr<float>();
-  const float* values = map.data_ptr<float>();
-  const float add = offset.item<float>();
+  const DoubleQuant dq{codes.data_ptr<uint8_t>(), nested_absmax.data_ptr<float>(), map.data_ptr<float>(), offset.item<float>()};
   float* y = out.data_ptr<float>();
   at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float v = values[q[i]] * a[i / nested];
-      y[i] = v + add;
-    }
+    for (int64_t i = begin; i < end; ++i) y[i] = double_quant_scale(dq, dq.first + i);
   });
   return out;
 }

@@ -276,26 +276,36 @@ class Blockwise4bitWeight(nn.Module):
         return self.block_size
 
     def tile_dequantizer(self):
-        """``(rows, cols, dtype[, out, fold]) -> dense tile`` for ``kernels``, with the absmax decoded once for all tiles;
-        ``cols`` aligned to ``block_size``. None when blocks cross rows (``block_size`` doesn't divide
-        ``in_features``). On CPU the native decode (``native_dequant``) writes the tile in one pass."""
+        """``(rows, cols, dtype[, out, fold]) -> dense tile`` for ``kernels``; ``cols`` aligned to ``block_size``. None
+        when blocks cross rows (``block_size`` doesn't divide ``in_features``). On CPU the native decode
+        (``native_dequant``) writes the tile in one pass, decoding a double-quantized absmax block by block as it goes;
+        torch's decode (other devices) decodes the absmax once for all tiles."""
         out, in_features = self._shape
         if in_features % self.block_size:
             return None
         packed = self.packed.view(out, in_features // 2)
-        absmax = self.block_absmax().view(out, in_features // self.block_size)
         bs = self.block_size
+        blocks = in_features // bs
         table = _codebook(self.format)[0]
+        absmax = None  # torch's decode: the decoded absmax, on first use
 
         def tile(rows: slice, cols: slice, dtype: torch.dtype, out: torch.Tensor | None = None,
                  fold: native_dequant.Fold | None = None) -> torch.Tensor:
+            nonlocal absmax
             codes = packed[rows, cols.start // 2 : cols.stop // 2]
-            scales = absmax[rows, cols.start // bs : cols.stop // bs]
+            groups = slice(cols.start // bs, cols.stop // bs)
             shape = (codes.shape[0], cols.stop - cols.start)
             if native_dequant.runs(codes, dtype):
+                if self.double_quant:
+                    scales = self.absmax_codes.view(-1, blocks)[rows, groups]
+                    nested = (self.nested_absmax, self.absmax_offset, (rows.start or 0) * blocks + groups.start)
+                else:
+                    scales, nested = self.absmax.view(-1, blocks)[rows, groups], None
                 return native_dequant.decode(codes, scales, "high_first", bs, dtype, shape[1], table=table, out=out,
-                                             fold=fold)
-            return native_dequant.plus(dequantize_4bit(codes, scales, shape, bs, self.format, dtype), fold)
+                                             fold=fold, double_quant=nested)
+            if absmax is None:
+                absmax = self.block_absmax().view(-1, blocks)
+            return native_dequant.plus(dequantize_4bit(codes, absmax[rows, groups], shape, bs, self.format, dtype), fold)
 
         return tile
 

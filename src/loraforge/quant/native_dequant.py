@@ -16,6 +16,7 @@ from functools import cache
 import torch
 
 from loraforge.native import DEQUANT
+from loraforge.quant.double_quant import dynamic_map
 
 LAYOUTS = ("high_first", "low_first", "split16", "int2", "int3", "u8", "s8")
 """How a row's codes are packed, in ``dequant.cpp``'s ``Layout`` order: NF4/FP4 nibbles (first element high), INT4
@@ -27,6 +28,11 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 Fold = tuple[torch.Tensor, torch.Tensor, float]
 """``(b (rows, r), a (r, cols), s)``: a low-rank update ``s·b a`` added to a tile as it is decoded."""
+
+DoubleQuant = tuple[torch.Tensor, torch.Tensor, int]
+"""``(nested_absmax (ceil(n / 256),) fp32, offset () fp32, origin)``: how uint8 ``scale`` codes (a tile of a weight's
+``(n,)`` double-quantized absmax codes, element ``[0, 0]`` at index ``origin``) are decoded, as
+``double_quant.double_dequantize`` decodes them."""
 
 _CAPABILITY_ISAS = {"AVX512": "avx512", "AVX2": "avx2"}
 _NO_TENSOR = torch.empty(0)
@@ -49,14 +55,16 @@ def isa() -> str:
 
 def decode(codes: torch.Tensor, scale: torch.Tensor, layout: str, group: int, dtype: torch.dtype, cols: int, *,
            min: torch.Tensor | None = None, table: torch.Tensor | None = None, offset: int = 0,
-           out: torch.Tensor | None = None, fold: Fold | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, fold: Fold | None = None,
+           double_quant: DoubleQuant | None = None) -> torch.Tensor:
     """A dense ``(rows, cols)`` tile in ``dtype`` (only where :func:`runs`), written into ``out`` when given, plus
     ``fold``'s update where given.
 
     Args:
         codes: the tile's packed codes, uint8 or int8 ``(rows, cols · bits / 8)`` (GGUF: ``(rows, blocks, 16|32)``),
             rows dense (a slice of the weight's columns is fine).
-        scale: ``(rows, cols / group)`` fp32 (NF4/FP4 absmax) or fp16 (INTk scale, GGUF d).
+        scale: ``(rows, cols / group)`` fp32 (NF4/FP4 absmax), fp16 (INTk scale, GGUF d), or uint8 double-quantized
+            absmax codes (with ``double_quant``), each decoded as its row reaches it.
         layout: one of ``LAYOUTS``.
         group: weights per scale, a multiple of 32.
         min: fp16 like ``scale``, added after the product (INTk, Q4_1).
@@ -64,12 +72,15 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, layout: str, group: int, dt
         out: a contiguous ``(rows, cols)`` buffer in ``dtype`` to write (``kernels``' reused workspace).
         fold: ``(b (rows, r), a (r, cols), s)`` fp32 (fp32 tiles only): each row ``i`` gets ``s·b[i] a`` added right
             after it is decoded, while it is in cache (training's fold, ``kernels.LowRank`` sliced to the tile).
+        double_quant: what decodes uint8 ``scale`` codes (``DoubleQuant``).
     """
     if out is None:
         out = torch.empty(codes.shape[0], cols, dtype=dtype)
     b, a, s = (_NO_TENSOR, _NO_TENSOR, 0.0) if fold is None else fold
+    nested, nested_offset, origin = (_NO_TENSOR, _NO_TENSOR, 0) if double_quant is None else double_quant
     DEQUANT.library().decode(codes, scale, _NO_MIN if min is None else min, _NO_TENSOR if table is None else table,
-                             LAYOUTS.index(layout), group, offset, out, isa(), b, a, s)
+                             LAYOUTS.index(layout), group, offset, out, isa(), b, a, s, nested, nested_offset,
+                             dynamic_map() if double_quant is not None else _NO_TENSOR, origin)
     return out
 
 
