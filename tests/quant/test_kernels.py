@@ -75,6 +75,26 @@ def test_forward_and_input_grad_match_the_dense_weight(name, dtype, rows, small_
     assert (x.grad.double() - expected_grad).abs().max() <= _tolerance(dtype, expected_grad)
 
 
+@pytest.mark.parametrize("name", ["nf4-dq", "int4-g32", "q4_1"])
+@pytest.mark.parametrize("tiles", ["one", "several"])
+def test_the_input_grad_comes_with_the_gradients_rank_projection(name, tiles, monkeypatch):
+    """``input_grad_and_rank`` gives ``g (W + s·b a)`` and ``g b`` (fp64 references); on a one-tile layer both are
+    columns of one product (the r columns ride on the input gradient's GEMM), over several tiles ``g b`` is its own."""
+    if tiles == "several":
+        monkeypatch.setattr(kernels, "TILE_ELEMENTS", 2000)
+    weight = _weight(name)
+    dense = _dense_reference(name, weight)
+    generator = torch.Generator().manual_seed(5)
+    grad = torch.randn(70, OUT, generator=generator)
+    b, a = torch.randn(OUT, 4, generator=generator), torch.randn(4, IN, generator=generator)
+    grad_x, grad_rank = kernels.input_grad_and_rank(weight, grad, (b, a, 0.5))
+    expected = grad.double() @ (dense + 0.5 * b.double() @ a.double())
+    assert (grad_x.double() - expected).abs().max() <= _tolerance(torch.float32, expected)
+    torch.testing.assert_close(grad_rank.double(), grad.double() @ b.double(), rtol=1e-5, atol=1e-5)
+    one_product = grad_x.untyped_storage().data_ptr() == grad_rank.untyped_storage().data_ptr()
+    assert one_product == (tiles == "one")
+
+
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_tiles_are_bit_identical_to_slices_of_the_dense_weight(name):
     weight = _weight(name)

@@ -11,8 +11,9 @@ the backward two GEMMs for the input gradient's adapter part plus a pass adding 
 - forward: ``xa = pool(x) aᵀ`` ``(M, r)``, kept for ``b``'s gradient; then ``x (W + s·b a')ᵀ`` as one GEMM (the
   fold; ``a' = expand(a)``, or ``a``), or ``x Wᵀ`` with ``s·xa bᵀ`` accumulated into it;
 - backward: ``gb = g b`` ``(M, r)``, ``∇b = s·gᵀ xa``, ``∇a = s·gbᵀ pool(x)``, and ``∇x = g (W + s·b a')`` (the
-  fold) or ``g W`` with ``s·gb a'`` accumulated into it. Nothing is computed for an input that needs no gradient
-  (the first layer's ``x``).
+  fold: with ``gb``, one GEMM over ``[W + s·b a' | b]`` where the layer is one tile, ``kernels.input_grad_and_rank``)
+  or ``g W`` with ``s·gb a'`` accumulated into it. Nothing is computed for an input that needs no gradient (the
+  first layer's ``x``).
 
 The fold is for quantized bases: ``kernels`` adds ``s·b a`` to each tile right after decoding it, while it is
 in cache and ours to write, so the update costs an r-deep GEMM over a hot tile and no pass over the ``(M, out)``
@@ -89,16 +90,18 @@ class _LowRankLinear(torch.autograd.Function):
         pooled, xa = ctx.saved_tensors
         (applied, b, weight), scale = ctx.parameters, ctx.scale
         grad_x = grad_a = grad_b = None
-        grad_rank = grad @ b
+        fold = _folds(grad.dtype, weight)
+        if ctx.needs_input_grad[0] and fold:  # the input gradient and g b from one GEMM (kernels.input_grad_and_rank)
+            grad_x, grad_rank = kernels.input_grad_and_rank(ctx.base.qweight, grad, (b, applied, scale))
+        else:
+            grad_rank = grad @ b
         if ctx.needs_input_grad[1]:
             grad_a = (grad_rank.t() @ pooled).mul_(scale)
         if ctx.needs_input_grad[2]:
             grad_b = (grad.t() @ xa).mul_(scale)
-        if ctx.needs_input_grad[0]:
-            fold = _folds(grad.dtype, weight)
-            grad_x = _input_grad(grad, weight, ctx.base, (b, applied, scale) if fold else None)
-            if not fold:
-                grad_x.addmm_(grad_rank, applied, alpha=scale)
+        if ctx.needs_input_grad[0] and not fold:
+            grad_x = _input_grad(grad, weight, ctx.base)
+            grad_x.addmm_(grad_rank, applied, alpha=scale)
         return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
@@ -117,9 +120,8 @@ def _product(x: torch.Tensor, weight: torch.Tensor | None, base: nn.Module, low_
     return F.linear(x, weight, base.bias)
 
 
-def _input_grad(grad: torch.Tensor, weight: torch.Tensor | None, base: nn.Module,
-                low_rank: kernels.LowRank | None) -> torch.Tensor:
-    """``g (W + s·b a)`` (``low_rank``, quantized bases) or ``g W``: a fresh ``(M, in)`` tensor."""
+def _input_grad(grad: torch.Tensor, weight: torch.Tensor | None, base: nn.Module) -> torch.Tensor:
+    """``g W``: a fresh ``(M, in)`` tensor."""
     if weight is None:
-        return kernels.input_grad(base.qweight, grad, low_rank=low_rank)
+        return kernels.input_grad(base.qweight, grad)
     return grad @ weight

@@ -47,8 +47,8 @@ exact dtype; see ``NATIVE_MAX_ROWS``).
 A weight format takes part by providing:
 
 - ``tile_dequantizer()``: a function ``(rows: slice, cols: slice, dtype, out=None, fold=None) -> (rows, cols)``
-  dense tile, bit-identical to the same slice of ``dequantize(dtype)``, written into ``out`` (a contiguous buffer
-  of that shape) where it can, plus ``fold``'s ``s·b a`` (``native_dequant.Fold``, sliced to the tile: the native
+  dense tile, bit-identical to the same slice of ``dequantize(dtype)``, written into ``out`` (a buffer
+  of that shape with dense rows, any row stride) where it can, plus ``fold``'s ``s·b a`` (``native_dequant.Fold``, sliced to the tile: the native
   decode adds it to each row as it is decoded, ``native_dequant.plus`` otherwise), or None when the layout can't be
   tiled;
   ``tile_columns`` (int): the column alignment tiles need (group or block size);
@@ -154,7 +154,24 @@ def input_grad(weight, grad_y: torch.Tensor, low_rank: LowRank | None = None) ->
     if grad_y.device.type != "cpu":
         return grad_y @ native_dequant.plus(weight.dequantize(grad_y.dtype), low_rank)
     rows = grad_y.reshape(-1, out_features)
-    return _shaped(_tiled_input_grad(weight, rows, low_rank), (*grad_y.shape[:-1], in_features))
+    return _shaped(_tiled_input_grad(weight, rows, low_rank)[0], (*grad_y.shape[:-1], in_features))
+
+
+def input_grad_and_rank(weight, grad_y: torch.Tensor, low_rank: LowRank) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_y @ (W + s·b a), grad_y @ b)`` for 2-D ``grad_y`` ``(M, out_features)``: the input gradient of
+    :func:`linear` with ``low_rank`` and the gradient's rank-``r`` projection that the adapter's own gradients need.
+
+    Where the layer is one tile (on CPU), both come from one GEMM over ``[W + s·b a | b]`` ``(out, in + r)``: the
+    tile is decoded into the workspace's first ``in`` columns and ``b`` copied beside it, so ``grad_y`` is read once
+    and the r-column product rides on the big one (a separate ``grad_y @ b`` re-reads all of ``grad_y`` for r
+    columns). The two results are then column slices of one ``(M, in + r)`` tensor."""
+    b = low_rank[0]
+    if grad_y.device.type == "cpu":
+        grad_x, grad_rank = _tiled_input_grad(weight, grad_y, low_rank, with_rank=True)
+        if grad_rank is not None:
+            return grad_x, grad_rank
+        return grad_x, grad_y @ b
+    return input_grad(weight, grad_y, low_rank), grad_y @ b
 
 
 def _shaped(y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -347,26 +364,37 @@ def _tiled_forward(weight, x: torch.Tensor, low_rank: LowRank | None = None) -> 
     return y
 
 
-def _tiled_input_grad(weight, grad_y: torch.Tensor, low_rank: LowRank | None = None) -> torch.Tensor:
-    """``grad_y (M, N) @ W`` with ``W`` dequantized in column tiles, each product written into its columns of the
-    result: ``g[:, c] = grad_y @ W[:, c]``."""
+def _tiled_input_grad(weight, grad_y: torch.Tensor, low_rank: LowRank | None = None, with_rank: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(grad_y (M, N) @ W, None)`` with ``W`` dequantized in column tiles, each product written into its columns of
+    the result: ``g[:, c] = grad_y @ W[:, c]``. ``with_rank`` (and ``low_rank``) on a one-tile layer: ``grad_y @ b``
+    too, from the same GEMM (:func:`input_grad_and_rank`), else None in its place."""
     out_features, in_features = weight.shape
     tile = weight.tile_dequantizer()
     if tile is None:
-        return grad_y @ native_dequant.plus(weight.dequantize(grad_y.dtype), low_rank)
+        return grad_y @ native_dequant.plus(weight.dequantize(grad_y.dtype), low_rank), None
     align = weight.tile_columns
     step = max(align, TILE_ELEMENTS // out_features // align * align)
     everything = slice(0, out_features)
     if step >= in_features:
         cols = slice(0, in_features)
-        return grad_y @ tile(everything, cols, grad_y.dtype, workspace(out_features, in_features, grad_y.dtype), low_rank)
+        rank = low_rank[0].shape[1] if with_rank and low_rank is not None else 0
+        buffer = workspace(out_features, in_features + rank, grad_y.dtype)
+        dense = tile(everything, cols, grad_y.dtype, buffer[:, :in_features], low_rank)
+        if not rank:
+            return grad_y @ dense, None
+        if dense.data_ptr() != buffer.data_ptr():  # a decode that made its own tile (torch's)
+            buffer[:, :in_features].copy_(dense)
+        buffer[:, in_features:].copy_(low_rank[0])
+        both = grad_y @ buffer
+        return both[:, :in_features], both[:, in_features:]
     g = torch.empty(grad_y.shape[0], in_features, dtype=grad_y.dtype, device=grad_y.device)
     for start in range(0, in_features, step):
         cols = slice(start, min(start + step, in_features))
         dense = tile(everything, cols, grad_y.dtype, workspace(out_features, cols.stop - start, grad_y.dtype),
                      _sliced(low_rank, cols=cols))
         torch.mm(grad_y, dense, out=g[:, cols])
-    return g
+    return g, None
 
 
 class Int4Pack:
