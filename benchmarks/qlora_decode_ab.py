@@ -2,7 +2,8 @@
 and QA-LoRA Q4_1, each with the fused base-and-adapter op (``adapters.low_rank_linear``, what training runs) and
 with the plain sum it replaced (autograd's graph of base matmul plus update), and bitsandbytes + PEFT's QLoRA.
 Every case steps once per rep, the order rotated each rep; min and median over reps, as ratios to LoRA's
-(fused) step. One process and interleaved steps: steadier than ``qlora_vs_lora.py``'s separate processes on a
+(fused) step, and ``paired``: the median over reps of each step's ratio to LoRA's step of the same rep, which a
+machine's slow drift (minutes) moves least. One process and interleaved steps: steadier than ``qlora_vs_lora.py``'s separate processes on a
 shared machine. fp32 compute, LoRA r=16 alpha=32 on every linear, batch 4×256, random token ids.
 
     ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \\
@@ -151,8 +152,10 @@ def main() -> None:
         print(f"rep {rep}: " + ", ".join(f"{k}/{m} {t[-1]:.2f}" for (k, m), t in times.items()), flush=True)
     lora = times["lora", "fused"]
     for (kind, mode), t in times.items():
+        paired = statistics.median(step / lora_step for step, lora_step in zip(t, lora))
         print(f"{kind:8s} {mode:5s} min {min(t):.3f} s  median {statistics.median(t):.3f} s  "
-              f"min/LoRA {min(t) / min(lora):.3f}  median/LoRA {statistics.median(t) / statistics.median(lora):.3f}")
+              f"min/LoRA {min(t) / min(lora):.3f}  median/LoRA {statistics.median(t) / statistics.median(lora):.3f}  "
+              f"paired {paired:.3f}")
 
 
 if __name__ == "__main__":
