@@ -8,11 +8,14 @@ shared machine. fp32 compute, LoRA r=16 alpha=32 on every linear, batch 4×256, 
 
     ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \\
         python benchmarks/qlora_decode_ab.py --threads 2 --reps 5 [--lock FILE] [--random-weights] [--no-bnb] \\
-        [--model default|1b] [--kinds lora,qlora]
+        [--model default|1b] [--kinds lora,qlora] [--layers N --vocab V]
 
 ``--random-weights``: the default model's shapes with random weights, for a machine without the model package
 (bitsandbytes + PEFT needs the saved weights and is left out). ``--model 1b``: the random TinyLlama-shaped 1.1B
-model of ``qlora_vs_lora.py`` (several tiles per layer), random weights. It prints, it doesn't append:
+model of ``qlora_vs_lora.py`` (several tiles per layer), random weights. ``--layers 6 --vocab 4096`` (with
+``--random-weights``): the default model's layers, fewer of them and a small head, so that a step takes ~0.8 s and
+many reps fit in a few minutes (the layers are what QLoRA changes; the 49152-word head is a quarter of the full
+model's step). It prints, it doesn't append:
 BENCHMARKS.md quotes its runs by hand with the machine's CPU flags.
 """
 
@@ -129,7 +132,13 @@ def main() -> None:
     parser.add_argument("--no-bnb", action="store_true", help="leave bitsandbytes + PEFT out")
     parser.add_argument("--model", choices=("default", "1b"), default="default")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"some of {','.join(KINDS)} (lora is always run)")
+    parser.add_argument("--layers", type=int, help="with --random-weights: this many of the default model's layers")
+    parser.add_argument("--vocab", type=int, help="with --random-weights: this vocabulary size (the head's width)")
     args = parser.parse_args()
+    if (args.layers or args.vocab) and not (args.random_weights and args.model == "default"):
+        parser.error("--layers and --vocab change the default model's random-weight shapes: add --random-weights")
+    DEFAULT_SHAPES.update({key: value for key, value in (("num_hidden_layers", args.layers), ("vocab_size", args.vocab))
+                           if value})
     kinds = ["lora", *(k for k in args.kinds.split(",") if k in KINDS and k != "lora")]
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads")
