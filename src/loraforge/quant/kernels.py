@@ -47,10 +47,10 @@ exact dtype; see ``NATIVE_MAX_ROWS``).
 A weight format takes part by providing:
 
 - ``tile_dequantizer()``: a function ``(rows: slice, cols: slice, dtype, out=None, fold=None) -> (rows, cols)``
-  dense tile, bit-identical to the same slice of ``dequantize(dtype)``, written into ``out`` (a buffer
-  of that shape with dense rows, any row stride) where it can, plus ``fold``'s ``s·b a`` (``native_dequant.Fold``, sliced to the tile: the native
-  decode adds it to each row as it is decoded, ``native_dequant.plus`` otherwise), or None when the layout can't be
-  tiled;
+  dense tile, bit-identical to the same slice of ``dequantize(dtype)``, written into ``out`` (a buffer of that
+  shape with dense rows, any row stride) where it can, plus ``fold``'s ``s·b a`` (``native_dequant.Fold``, sliced to
+  the tile: the native decode adds it to each row as it is decoded, ``native_dequant.plus`` otherwise), or None
+  when the layout can't be tiled;
   ``tile_columns`` (int): the column alignment tiles need (group or block size);
 - optionally ``int4_group_size`` (the group size, or None where the format's codes don't fit 4 bits) and
   ``int4_affine()``: ``(codes (out, in) uint8 in 0..15, scale (out, groups) fp32, min (out, groups) fp32,

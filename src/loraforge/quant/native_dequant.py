@@ -69,7 +69,8 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, layout: str, group: int, dt
         group: weights per scale, a multiple of 32.
         min: fp16 like ``scale``, added after the product (INTk, Q4_1).
         table: NF4/FP4's 16 fp32 code values: ``w = table[q] · scale``; without it ``w = scale · (q − offset)``.
-        out: a contiguous ``(rows, cols)`` buffer in ``dtype`` to write (``kernels``' reused workspace).
+        out: a ``(rows, cols)`` buffer in ``dtype`` with dense rows (any row stride) to write (``kernels``' reused
+            workspace).
         fold: ``(b (rows, r), a (r, cols), s)`` fp32 (fp32 tiles only): each row ``i`` gets ``s·b[i] a`` added right
             after it is decoded, while it is in cache (training's fold, ``kernels.LowRank`` sliced to the tile).
         double_quant: what decodes uint8 ``scale`` codes (``DoubleQuant``).
