@@ -287,6 +287,7 @@ class Blockwise4bitWeight(nn.Module):
         bs = self.block_size
         blocks = in_features // bs
         table = _codebook(self.format)[0]
+        stored = (self.absmax_codes if self.double_quant else self.absmax).view(-1, blocks)  # as kept: codes or fp32
         absmax = None  # torch's decode: the decoded absmax, on first use
 
         def tile(rows: slice, cols: slice, dtype: torch.dtype, out: torch.Tensor | None = None,
@@ -296,13 +297,10 @@ class Blockwise4bitWeight(nn.Module):
             groups = slice(cols.start // bs, cols.stop // bs)
             shape = (codes.shape[0], cols.stop - cols.start)
             if native_dequant.runs(codes, dtype):
-                if self.double_quant:
-                    scales = self.absmax_codes.view(-1, blocks)[rows, groups]
-                    nested = (self.nested_absmax, self.absmax_offset, (rows.start or 0) * blocks + groups.start)
-                else:
-                    scales, nested = self.absmax.view(-1, blocks)[rows, groups], None
-                return native_dequant.decode(codes, scales, "high_first", bs, dtype, shape[1], table=table, out=out,
-                                             fold=fold, double_quant=nested)
+                nested = (self.nested_absmax, self.absmax_offset, (rows.start or 0) * blocks + groups.start
+                          ) if self.double_quant else None
+                return native_dequant.decode(codes, stored[rows, groups], "high_first", bs, dtype, shape[1], table=table,
+                                             out=out, fold=fold, double_quant=nested)
             if absmax is None:
                 absmax = self.block_absmax().view(-1, blocks)
             return native_dequant.plus(dequantize_4bit(codes, absmax[rows, groups], shape, bs, self.format, dtype), fold)

@@ -165,13 +165,11 @@ def input_grad_and_rank(weight, grad_y: torch.Tensor, low_rank: LowRank) -> tupl
     tile is decoded into the workspace's first ``in`` columns and ``b`` copied beside it, so ``grad_y`` is read once
     and the r-column product rides on the big one (a separate ``grad_y @ b`` re-reads all of ``grad_y`` for r
     columns). The two results are then column slices of one ``(M, in + r)`` tensor."""
-    b = low_rank[0]
     if grad_y.device.type == "cpu":
         grad_x, grad_rank = _tiled_input_grad(weight, grad_y, low_rank, with_rank=True)
-        if grad_rank is not None:
-            return grad_x, grad_rank
-        return grad_x, grad_y @ b
-    return input_grad(weight, grad_y, low_rank), grad_y @ b
+    else:
+        grad_x, grad_rank = input_grad(weight, grad_y, low_rank), None
+    return grad_x, grad_y @ low_rank[0] if grad_rank is None else grad_rank
 
 
 def _shaped(y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
