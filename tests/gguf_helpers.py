@@ -44,10 +44,28 @@ def model_on(base: str | None, method: str | None = None, family="tiny-llama", *
     return model
 
 
-def llama_cpp(gguf_path, n_ctx: int = 256):
-    """llama.cpp (llama-cpp-python) with ``gguf_path`` loaded, keeping the logits of every position."""
-    llama_cpp = require("llama_cpp")
-    return llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=1, logits_all=True, verbose=False)
+def llama_cpp(gguf_path, n_ctx: int = 256, **options):
+    """llama.cpp (llama-cpp-python) with ``gguf_path`` loaded, keeping the logits of every position; ``options``
+    go to ``Llama`` (``lora_path``).
+
+    The weights stay in llama.cpp's plain CPU buffers (``use_extra_bufts`` off, which ``Llama`` doesn't expose): its
+    extra buffer types repack them for AMX or wider SIMD, and ggml's AMX matmul segfaults on Sapphire Rapids CPUs
+    (llama.cpp #20824; seen here on a Q8_0 model, session of 2026-11-30). The plain kernels are the reference."""
+    module = require("llama_cpp")
+    low_level = module.llama_cpp
+    defaults = low_level.llama_model_default_params
+
+    def plain_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = plain_buffers
+    try:
+        return module.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=1, logits_all=True, verbose=False,
+                            **options)
+    finally:
+        low_level.llama_model_default_params = defaults
 
 
 def llama_cpp_logits(gguf_path, ids: list[int]) -> torch.Tensor:

@@ -8,8 +8,7 @@ well, and the adapter's effect (adapted minus base logits) must point the same w
 import numpy as np
 import pytest
 import torch
-from gguf_helpers import agreement, model_on
-from references import require
+from gguf_helpers import agreement, llama_cpp, model_on
 from torch import nn
 
 from loraforge.adapters import (
@@ -83,9 +82,7 @@ def trained_adapter(make_base, folder, fields: dict, seed: int = 0):
 
 
 def llama_cpp_logits(base_gguf, ids, lora=None) -> torch.Tensor:
-    llama_cpp = require("llama_cpp")
-    extra = {"lora_path": str(lora)} if lora else {}
-    llm = llama_cpp.Llama(model_path=str(base_gguf), n_ctx=256, n_threads=1, logits_all=True, verbose=False, **extra)
+    llm = llama_cpp(base_gguf, **({"lora_path": str(lora)} if lora else {}))
     llm.eval(ids)
     return torch.tensor(np.asarray(llm.scores[: len(ids)]), dtype=torch.float32)
 

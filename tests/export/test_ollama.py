@@ -10,7 +10,7 @@ import json
 import re
 
 import pytest
-from references import require
+from gguf_helpers import llama_cpp
 
 from loraforge.cli.main import main
 from loraforge.export.gguf_writer import GGUFExportError
@@ -149,7 +149,7 @@ def test_export_writes_an_ollama_folder_that_llama_cpp_loads(run_dir, tmp_path, 
     assert read_field(open_gguf(adapter), "general.type") == "adapter"
     assert read_field(open_gguf(adapter), "general.architecture") == read_field(open_gguf(base), "general.architecture")
     assert [v for k, v in commands if k == "stop"] == ["<|im_end|>"]
-    llm = require("llama_cpp").Llama(model_path=str(base), lora_path=str(adapter), n_ctx=64, n_threads=1, verbose=False)
+    llm = llama_cpp(base, n_ctx=64, lora_path=str(adapter))
     assert llm.tokenize(b"<|im_end|>", add_bos=False, special=True) == [tiny_tokenizer().eos_token_id]
     tokenizer = tiny_tokenizer()
     for messages in CONVERSATIONS:

@@ -2,6 +2,8 @@
 forward and input gradient, against the dense weight: gguf-py's dequantization for the GGUF block types, the
 format's own ``dequantize`` (itself tested against bitsandbytes and gguf-py) for NF4/FP4 and INTk."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -124,6 +126,58 @@ def test_int4_kernel_is_packed_once_for_decode_and_never_for_training_sizes(name
     codes = packed.codes
     weight.matmul(torch.randn(1, IN, dtype=dtype))
     assert weight._kernel_cache["int4pack"].codes is codes  # packed once, reused
+
+
+@pytest.mark.parametrize("name", ["nf4-dq", "int4-g64", "q4_1"])
+def test_a_kept_tile_decoder_follows_its_weights_tensors(name):
+    """``kernels`` keeps each weight's tile decoder (and its slices) between calls: the products must still follow
+    the weight when its tensors change in place (a state-dict load), are replaced (a buffer assigned), or belong
+    to a deep copy that then changes."""
+    weight = _weight(name)
+    torch.manual_seed(9)
+    other = FORMATS[name](torch.randn(OUT, IN) * 0.05)
+    x = torch.randn(70, IN)
+    b, a = torch.randn(OUT, 4) * 0.1, torch.randn(4, IN) * 0.1
+
+    def check(w, reference):
+        expected = x.double() @ (_dense_reference(name, reference) + 0.5 * b.double() @ a.double()).T
+        y = kernels.linear(w, x, low_rank=(b, a, 0.5))
+        assert (y.double() - expected).abs().max() <= _tolerance(torch.float32, expected)
+
+    check(weight, weight)
+    kept = kernels._tile_function(weight)
+    assert kernels._tile_function(weight) is kept
+    twin = copy.deepcopy(weight)
+    twin.load_state_dict(other.state_dict())  # in place: the twin's own tensors
+    check(twin, other)
+    check(weight, weight)  # the original is untouched and its decoder still its own
+    assert kernels._tile_function(weight) is kept
+    weight.load_state_dict(other.state_dict())
+    check(weight, other)
+    name_of_codes = next(iter(weight._buffers))
+    setattr(weight, name_of_codes, weight._buffers[name_of_codes].clone())  # a new tensor object: a new decoder
+    assert kernels._tile_function(weight) is not kept
+    check(weight, other)
+
+
+def test_a_device_move_drops_what_the_kernels_kept_on_the_weight():
+    """A moved layer's weight must not keep its old tensors alive through ``kernels``' per-weight caches."""
+    layer = QuantLinear(_weight("nf4-dq"), None, torch.float32)
+    layer(torch.randn(3, IN))  # the tiled path keeps the weight's tile decoder
+    layer.qweight.matmul(torch.randn(1, IN, dtype=torch.bfloat16))  # NF4 has no int4 pack; keeps nothing more
+    assert "_tile_function" in layer.qweight.__dict__
+    layer.to("meta")
+    assert not set(kernels.KEPT) & set(layer.qweight.__dict__)
+
+
+def test_workspace_views_are_reused_and_follow_a_grown_buffer():
+    small = kernels.workspace(3, 5, torch.float32)
+    assert kernels.workspace(3, 5, torch.float32) is small
+    assert kernels.workspace(5, 3, torch.float32).shape == (5, 3)
+    grown = kernels.workspace(1000, 1000, torch.float32)
+    again = kernels.workspace(3, 5, torch.float32)
+    assert again.shape == (3, 5) and again.data_ptr() == grown.data_ptr()  # the old buffer's views are let go
+    assert kernels.workspace(3, 5, torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_shapes_the_kernels_cannot_take_fall_back_and_stay_right(small_tiles):

@@ -30,7 +30,13 @@ from loraforge.train.distributed import DistributedError, World, init_world
 
 WORDS = ["cat", "dog", "sun", "sky", "red", "box", "pen", "cup", "hat", "map", "owl", "fig", "ant"]
 QLORA = {"quantization": {"type": "nf4", "compute_dtype": "fp32"}}
-TOLERANCE = {"atol": 2e-5, "rtol": 1e-4}
+TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
+"""For the adapters after 4 Adam steps at lr 3e-2: summation orders differ between one process and two (the ranks'
+halves of the batch, then the gradients' reduction), and Adam's normalisation grows a ~1e-7 relative gradient
+difference in a small-gradient element into a visible weight difference. The largest seen: 4.9e-5 on a 0.075 weight
+(QLoRA, a 2-core AVX512 Xeon; 2e-5 held on AVX2 machines). The losses and gradient norms, compared to rel 1e-5 per
+step, are the tight check: a wrongly scaled or missing reduction moves those, where Adam's scale-free step hides it
+in the weights."""
 
 
 def quiet(*_):

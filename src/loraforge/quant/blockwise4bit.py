@@ -290,17 +290,21 @@ class Blockwise4bitWeight(nn.Module):
         stored = (self.absmax_codes if self.double_quant else self.absmax).view(-1, blocks)  # as kept: codes or fp32
         absmax = None  # torch's decode: the decoded absmax, on first use
 
+        @native_dequant.last_slices
+        def views(rows: slice, cols: slice) -> tuple:
+            groups = slice(cols.start // bs, cols.stop // bs)
+            nested = (self.nested_absmax, self.absmax_offset, (rows.start or 0) * blocks + groups.start
+                      ) if self.double_quant else None
+            return packed[rows, cols.start // 2 : cols.stop // 2], stored[rows, groups], nested, groups
+
         def tile(rows: slice, cols: slice, dtype: torch.dtype, out: torch.Tensor | None = None,
                  fold: native_dequant.Fold | None = None) -> torch.Tensor:
             nonlocal absmax
-            codes = packed[rows, cols.start // 2 : cols.stop // 2]
-            groups = slice(cols.start // bs, cols.stop // bs)
+            codes, scale, nested, groups = views(rows, cols)
             shape = (codes.shape[0], cols.stop - cols.start)
             if native_dequant.runs(codes, dtype):
-                nested = (self.nested_absmax, self.absmax_offset, (rows.start or 0) * blocks + groups.start
-                          ) if self.double_quant else None
-                return native_dequant.decode(codes, stored[rows, groups], "high_first", bs, dtype, shape[1], table=table,
-                                             out=out, fold=fold, double_quant=nested)
+                return native_dequant.decode(codes, scale, "high_first", bs, dtype, shape[1], table=table, out=out,
+                                             fold=fold, double_quant=nested)
             if absmax is None:
                 absmax = self.block_absmax().view(-1, blocks)
             return native_dequant.plus(dequantize_4bit(codes, absmax[rows, groups], shape, bs, self.format, dtype), fold)

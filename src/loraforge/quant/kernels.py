@@ -34,7 +34,10 @@ The backward needs only the input's gradient ``grad_y @ W`` (the base weight is 
 in column tiles the same way. Other devices (CUDA) dequantize the layer whole and call ``F.linear``.
 
 The tiles are decoded into one buffer per thread and dtype (:func:`workspace`), reused by every call: a fresh
-multi-MB tensor per call would be page-faulted in (and zeroed by the kernel) each time. Training with a LoRA on
+multi-MB tensor per call would be page-faulted in (and zeroed by the kernel) each time. Each weight's tile decoder
+(and, for NF4/FP4, its slices of the weight) is kept on the weight between calls (:func:`_tile_function`, dropped by
+:func:`forget` on a device move), as are the workspace's views: rebuilding them all on every call cost ~3.5 ms of a
+0.8 s training step on six of the default model's layers (BENCHMARKS.md, session 10). Training with a LoRA on
 the base (``adapters.low_rank_linear``) may pass ``low_rank = (b, a, s)``: each tile then becomes ``W + s·b a``
 before its product (the native decode adds each row's ``s·b[i] a`` as it decodes the row), so one GEMM gives the
 base and the adapter's output (or input gradient) together.
@@ -182,11 +185,41 @@ def workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """A ``(rows, cols)`` CPU buffer in ``dtype``, the same memory on every call of this thread (grown when a
     larger one is asked for): where a tile is decoded and used before the next call. Its size is one tile's,
     ``TILE_ELEMENTS`` (a row or column wider than that: one row or column), whatever the model's size."""
+    views = _WORKSPACES.__dict__.setdefault("views", {})
+    view = views.get((rows, cols, dtype))
+    if view is not None:
+        return view
     buffers = _WORKSPACES.__dict__.setdefault("buffers", {})
     flat = buffers.get(dtype)
     if flat is None or flat.numel() < rows * cols:
         flat = buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
-    return flat[: rows * cols].view(rows, cols)
+        for key in [key for key in views if key[2] == dtype]:  # views of the smaller buffer: let it go
+            del views[key]
+    view = views[rows, cols, dtype] = flat[: rows * cols].view(rows, cols)
+    return view
+
+
+KEPT = ("_tile_function", "_native_group", "_kernel_cache")
+"""What this module keeps on a weight between calls (each holds references to the weight's tensors)."""
+
+
+def forget(weight) -> None:
+    """Drop what this module keeps on ``weight``: after a device move (``base._MovesOnly``), so that the old tensors
+    are freed now rather than on the next call that would notice them replaced."""
+    for name in KEPT:
+        weight.__dict__.pop(name, None)
+
+
+def _tile_function(weight):
+    """``weight.tile_dequantizer()``, kept on the weight (a call builds views and a closure: ~4 µs alone, several
+    times that inside a training step) while it is the same object with the same tensors: a device move, a load
+    that replaces them, FSDP's storage-as-parameters or a ``deepcopy`` (a new ``id``) make a new one."""
+    tensors = (*weight._buffers.values(), *weight._parameters.values())
+    kept = weight.__dict__.get("_tile_function")
+    if kept is None or kept[0] != id(weight) or len(kept[1]) != len(tensors) or any(
+            a is not b for a, b in zip(kept[1], tensors)):
+        kept = weight.__dict__["_tile_function"] = (id(weight), tensors, weight.tile_dequantizer())
+    return kept[2]
 
 
 def _sliced(low_rank: LowRank | None, rows: slice = slice(None), cols: slice = slice(None)) -> LowRank | None:
@@ -345,7 +378,7 @@ def _tiled_forward(weight, x: torch.Tensor, low_rank: LowRank | None = None) -> 
     """``x (M, K) @ W.T`` with ``W`` dequantized in row tiles, each product written into its columns of the output:
     ``y[:, r] = x @ W[r].T``."""
     out_features, in_features = weight.shape
-    tile = weight.tile_dequantizer()
+    tile = _tile_function(weight)
     if tile is None:
         return F.linear(x, native_dequant.plus(weight.dequantize(x.dtype), low_rank))
     step = max(1, TILE_ELEMENTS // in_features)
@@ -368,7 +401,7 @@ def _tiled_input_grad(weight, grad_y: torch.Tensor, low_rank: LowRank | None = N
     the result: ``g[:, c] = grad_y @ W[:, c]``. ``with_rank`` (and ``low_rank``) on a one-tile layer: ``grad_y @ b``
     too, from the same GEMM (:func:`input_grad_and_rank`), else None in its place."""
     out_features, in_features = weight.shape
-    tile = weight.tile_dequantizer()
+    tile = _tile_function(weight)
     if tile is None:
         return grad_y @ native_dequant.plus(weight.dequantize(grad_y.dtype), low_rank), None
     align = weight.tile_columns
