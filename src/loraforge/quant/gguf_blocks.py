@@ -75,25 +75,31 @@ class GGUFBlockWeight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out, in_features = self.shape
-        return self._dequantize_tile(slice(0, out), slice(0, in_features), dtype)
+        return self.tile_dequantizer()(slice(0, out), slice(0, in_features), dtype)
 
     tile_columns = BLOCK_SIZE
 
     def tile_dequantizer(self):
         """``(rows, cols, dtype[, out, fold]) -> dense tile`` for ``kernels``; ``cols`` aligned to the block size. On CPU the native
-        decode (``native_dequant``) writes the tile in one pass."""
-        return self._dequantize_tile
+        decode (``native_dequant``) writes the tile in one pass. The tile's slices of the block fields are made once
+        for a tile asked again (``native_dequant.last_slices``)."""
 
-    def _dequantize_tile(self, rows: slice, cols: slice, dtype: torch.dtype, out: torch.Tensor | None = None,
-                         fold: native_dequant.Fold | None = None) -> torch.Tensor:
-        blocks = slice(cols.start // BLOCK_SIZE, cols.stop // BLOCK_SIZE)
-        fields = {name: getattr(self, name)[rows, blocks] for name, _, _ in self.fields}
-        if native_dequant.runs(fields["qs"], dtype):
-            layout, offset = self.native_layout
-            return native_dequant.decode(fields["qs"], fields["d"], layout, BLOCK_SIZE, dtype, cols.stop - cols.start,
-                                         min=fields.get("m"), offset=offset, out=out, fold=fold)
-        w = self._block_values(**fields)
-        return native_dequant.plus(w.reshape(w.shape[0], -1).to(dtype), fold)
+        @native_dequant.last_slices
+        def views(rows: slice, cols: slice) -> tuple:
+            blocks = slice(cols.start // BLOCK_SIZE, cols.stop // BLOCK_SIZE)
+            return ({name: getattr(self, name)[rows, blocks] for name, _, _ in self.fields},)
+
+        def tile(rows: slice, cols: slice, dtype: torch.dtype, out: torch.Tensor | None = None,
+                 fold: native_dequant.Fold | None = None) -> torch.Tensor:
+            (fields,) = views(rows, cols)
+            if native_dequant.runs(fields["qs"], dtype):
+                layout, offset = self.native_layout
+                return native_dequant.decode(fields["qs"], fields["d"], layout, BLOCK_SIZE, dtype, cols.stop - cols.start,
+                                             min=fields.get("m"), offset=offset, out=out, fold=fold)
+            w = self._block_values(**fields)
+            return native_dequant.plus(w.reshape(w.shape[0], -1).to(dtype), fold)
+
+        return tile
 
     def _block_values(self, **fields: torch.Tensor) -> torch.Tensor:
         """fp32 ``(rows, blocks, 32)`` weights from block fields ``(rows, blocks[, count])``, as ggml computes them."""

@@ -64,7 +64,7 @@ class IntKWeight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out, in_features = self.shape
-        return self._dequantize_tile(slice(0, out), slice(0, in_features), dtype)
+        return self.tile_dequantizer()(slice(0, out), slice(0, in_features), dtype)
 
     @property
     def tile_columns(self) -> int:
@@ -72,20 +72,27 @@ class IntKWeight(nn.Module):
 
     def tile_dequantizer(self):
         """``(rows, cols, dtype[, out, fold]) -> dense tile`` for ``kernels``; ``cols`` aligned to ``group_size``. On CPU the native
-        decode (``native_dequant``) writes the tile in one pass."""
-        return self._dequantize_tile
+        decode (``native_dequant``) writes the tile in one pass. The tile's slices of the codes, scales and mins are
+        made once for a tile asked again (``native_dequant.last_slices``)."""
+        group = self.group_size
 
-    def _dequantize_tile(self, rows: slice, cols: slice, dtype: torch.dtype, out: torch.Tensor | None = None,
-                         fold: native_dequant.Fold | None = None) -> torch.Tensor:
-        groups = slice(cols.start // self.group_size, cols.stop // self.group_size)
-        codes = self.codes[rows, cols.start * self.bits // 8 : cols.stop * self.bits // 8]
-        if native_dequant.runs(codes, dtype):
-            return native_dequant.decode(codes, self.scale[rows, groups], _NATIVE_LAYOUTS[self.bits], self.group_size,
-                                         dtype, cols.stop - cols.start, min=self.min[rows, groups], out=out, fold=fold)
-        q = unpack_codes(codes, self.bits).reshape(codes.shape[0], -1, self.group_size)
-        scale, low = self.scale[rows, groups], self.min[rows, groups]
-        w = torch.addcmul(low.float()[..., None], scale.float()[..., None], q)  # one pass, one buffer
-        return native_dequant.plus(w.reshape(codes.shape[0], -1).to(dtype), fold)
+        @native_dequant.last_slices
+        def views(rows: slice, cols: slice) -> tuple:
+            groups = slice(cols.start // group, cols.stop // group)
+            codes = self.codes[rows, cols.start * self.bits // 8 : cols.stop * self.bits // 8]
+            return codes, self.scale[rows, groups], self.min[rows, groups]
+
+        def tile(rows: slice, cols: slice, dtype: torch.dtype, out: torch.Tensor | None = None,
+                 fold: native_dequant.Fold | None = None) -> torch.Tensor:
+            codes, scale, low = views(rows, cols)
+            if native_dequant.runs(codes, dtype):
+                return native_dequant.decode(codes, scale, _NATIVE_LAYOUTS[self.bits], group, dtype, cols.stop - cols.start,
+                                             min=low, out=out, fold=fold)
+            q = unpack_codes(codes, self.bits).reshape(codes.shape[0], -1, group)
+            w = torch.addcmul(low.float()[..., None], scale.float()[..., None], q)  # one pass, one buffer
+            return native_dequant.plus(w.reshape(codes.shape[0], -1).to(dtype), fold)
+
+        return tile
 
     @property
     def int4_group_size(self) -> int | None:
