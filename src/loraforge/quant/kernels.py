@@ -35,9 +35,10 @@ in column tiles the same way. Other devices (CUDA) dequantize the layer whole an
 
 The tiles are decoded into one buffer per thread and dtype (:func:`workspace`), reused by every call: a fresh
 multi-MB tensor per call would be page-faulted in (and zeroed by the kernel) each time. Each weight's tile decoder
-(and, for NF4/FP4, its slices of the weight) is kept on the weight between calls (:func:`_tile_function`, dropped by
-:func:`forget` on a device move), as are the workspace's views: rebuilding them all on every call cost ~3.5 ms of a
-0.8 s training step on six of the default model's layers (BENCHMARKS.md, session 10). Training with a LoRA on
+(with its slices of the weight, ``native_dequant.last_slices``) is kept on the weight between calls
+(:func:`_tile_function`, dropped by :func:`forget` on a device move), as are the workspace's views: rebuilding them
+all on every call cost ~3.5 ms of a 0.8 s training step on six of the default model's layers (BENCHMARKS.md,
+session 10). Training with a LoRA on
 the base (``adapters.low_rank_linear``) may pass ``low_rank = (b, a, s)``: each tile then becomes ``W + s·b a``
 before its product (the native decode adds each row's ``s·b[i] a`` as it decodes the row), so one GEMM gives the
 base and the adapter's output (or input gradient) together.
