@@ -52,13 +52,12 @@ def loraforge_accuracy(gguf_path: Path) -> float:
 def llama_cpp_accuracy(gguf_path: Path) -> float | None:
     if importlib.util.find_spec("llama_cpp") is None:
         return None
-    from llama_cpp import Llama
-
     from loraforge.data.tokenize import prompt_ids
     from loraforge.models.gguf_native import load_gguf_native
+    from loraforge.utils import llama_cpp_reference
 
     _, tokenizer = load_gguf_native(gguf_path)
-    llm = Llama(model_path=str(gguf_path), n_ctx=512, n_threads=2, verbose=False)
+    llm = llama_cpp_reference.load(gguf_path, n_ctx=512, n_threads=2, verbose=False)
     hits = 0
     for messages, reference in test_pairs():
         out = llm.create_completion(prompt_ids(tokenizer, messages, "auto"), max_tokens=24, temperature=0.0, top_k=1)

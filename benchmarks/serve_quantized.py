@@ -37,6 +37,7 @@ from serve_slora import decode_step_times, load_average, weight_sets
 
 from loraforge.data.tokenize import prompt_ids as chat_ids
 from loraforge.models.sources import default_gguf_path
+from loraforge.utils import llama_cpp_reference
 from loraforge.native import LOWBIT
 from loraforge.quant import kernels
 from loraforge.quant.summary import quant_summary
@@ -113,10 +114,11 @@ class LlamaCpp:
     def __init__(self, threads: int):
         import llama_cpp
 
-        self.llm = llama_cpp.Llama(model_path=str(default_gguf_path()), n_ctx=512, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False)
+        self.llm = llama_cpp_reference.load(default_gguf_path(), n_ctx=512, n_threads=threads, n_threads_batch=threads,
+                                            verbose=False)
         self.weight_bytes = llama_cpp.llama_model_size(self.llm.model)
-        self.label = "llama.cpp (llama-cpp-python), Q4_1"
+        plain = " (plain CPU buffers: its AMX path crashes on this CPU)" if llama_cpp_reference.cpu_has_amx() else ""
+        self.label = f"llama.cpp (llama-cpp-python), Q4_1{plain}"
 
     def decode(self, ids: list[int], tokens: int) -> tuple[float, list[int]]:
         stamps, out = [], []

@@ -10,6 +10,7 @@ from loraforge.models import tiny_model
 from loraforge.quant.base import QuantLinear
 from loraforge.quant.gguf_blocks import quantize_q4_0, quantize_q4_1, quantize_q8_0
 from loraforge.quant.intk import quantize_intk
+from loraforge.utils import llama_cpp_reference
 
 QUANTIZERS = {
     "q4_1": quantize_q4_1,
@@ -46,26 +47,11 @@ def model_on(base: str | None, method: str | None = None, family="tiny-llama", *
 
 def llama_cpp(gguf_path, n_ctx: int = 256, **options):
     """llama.cpp (llama-cpp-python) with ``gguf_path`` loaded, keeping the logits of every position; ``options``
-    go to ``Llama`` (``lora_path``).
-
-    The weights stay in llama.cpp's plain CPU buffers (``use_extra_bufts`` off, which ``Llama`` doesn't expose): its
-    extra buffer types repack them for AMX or wider SIMD, and ggml's AMX matmul segfaults on Sapphire Rapids CPUs
-    (llama.cpp #20824; seen here on a Q8_0 model, session of 2026-11-30). The plain kernels are the reference."""
-    module = require("llama_cpp")
-    low_level = module.llama_cpp
-    defaults = low_level.llama_model_default_params
-
-    def plain_buffers():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    low_level.llama_model_default_params = plain_buffers
-    try:
-        return module.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=1, logits_all=True, verbose=False,
-                            **options)
-    finally:
-        low_level.llama_model_default_params = defaults
+    go to ``Llama`` (``lora_path``). Its weights stay in plain CPU buffers on every CPU (``llama_cpp_reference``:
+    ggml's AMX path segfaults on Sapphire Rapids), so the reference is ggml's plain kernels everywhere."""
+    require("llama_cpp")
+    return llama_cpp_reference.load(gguf_path, plain_buffers=True, n_ctx=n_ctx, n_threads=1, logits_all=True,
+                                    verbose=False, **options)
 
 
 def llama_cpp_logits(gguf_path, ids: list[int]) -> torch.Tensor:

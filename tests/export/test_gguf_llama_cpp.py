@@ -5,12 +5,14 @@ a second."""
 import pytest
 import torch
 from gguf_helpers import agreement, llama_cpp, llama_cpp_logits, model_on
+from references import require
 
 from loraforge.adapters import merge_adapters
 from loraforge.export.gguf_writer import write_gguf
 from loraforge.models import tiny_tokenizer
 from loraforge.models.gguf_native import load_gguf_native
 from loraforge.models.tiny import SPECIAL_TOKENS
+from loraforge.utils import llama_cpp_reference
 
 PROMPT = [{"role": "user", "content": "Name three primary colours, s'il vous plaît.\n  Thanks!"}]
 
@@ -78,3 +80,14 @@ def test_llama_cpp_logits_match_the_merged_model(family, gguf_type, prompt_ids, 
     relative = RELATIVE_ERROR[gguf_type]
     assert corr >= 1 - relative**2 / 2, (corr, max_diff)
     assert max_diff <= relative * ours.abs().max().item(), (corr, max_diff)
+
+
+def test_the_reference_loads_with_plain_buffers_and_leaves_llama_cpps_defaults_alone(tmp_path):
+    """``gguf_helpers.llama_cpp`` (every llama.cpp test) must load with ggml's extra buffer types off (its AMX path
+    segfaults on Sapphire Rapids), and put llama-cpp-python's default parameters back as they were."""
+    module = require("llama_cpp")
+    write_gguf(model_on("q8_0", family="tiny-llama"), tiny_tokenizer(), tmp_path / "m.gguf", "q8_0")
+    assert llama_cpp(tmp_path / "m.gguf").model_params.use_extra_bufts is False
+    assert module.llama_cpp.llama_model_default_params().use_extra_bufts is True
+    assert llama_cpp_reference.load(tmp_path / "m.gguf", plain_buffers=False, n_ctx=64, verbose=False
+                                    ).model_params.use_extra_bufts is True
