@@ -37,12 +37,12 @@ from serve_slora import decode_step_times, load_average, weight_sets
 
 from loraforge.data.tokenize import prompt_ids as chat_ids
 from loraforge.models.sources import default_gguf_path
-from loraforge.utils import llama_cpp_reference
 from loraforge.native import LOWBIT
 from loraforge.quant import kernels
 from loraforge.quant.summary import quant_summary
 from loraforge.serve import Engine, Request, SamplingParams
 from loraforge.serve.base_model import load_serving_base
+from loraforge.utils import llama_cpp_reference
 from loraforge.utils.memory import release_free_memory
 
 PROMPT = "Write a short story about a robot who learns to paint."

@@ -74,10 +74,10 @@ class _MovesOnly(nn.Module):
             moved = fn(tensor)
             return moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
 
-        moved = super()._apply(move_only, recurse)
+        result = super()._apply(move_only, recurse)
         for module in self.modules():
             kernels.forget(module)  # what kernels kept refers to the tensors from before
-        return moved
+        return result
 
 
 class QuantLinear(_MovesOnly):
